@@ -1,0 +1,46 @@
+"""Connect to a Ray cluster or start a local one, shipping the project's code to every worker."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+
+PACKAGE_DIR = Path(__file__).resolve().parent  # platform/raylm
+REPO_DIR = PACKAGE_DIR.parents[1]
+
+
+def code_runtime_env() -> dict:
+    """py_modules that make `raylm`, `pipelines` and `serve` importable on workers of a remote cluster.
+
+    On a cluster built from cluster.yaml the project is installed on every node anyway; shipping the driver's
+    copy keeps workers on exactly the code the job was submitted with.
+    """
+    mods = [str(PACKAGE_DIR)]
+    for name in ("pipelines", "serve"):
+        if (REPO_DIR / name / "__init__.py").is_file():
+            mods.append(str(REPO_DIR / name))
+    return {"py_modules": mods}
+
+
+def local_num_cpus() -> int:
+    """Logical CPUs for a local cluster. Serve's ingress and LLM replicas each need a CPU slot on top of the
+    engine, so a 2-core machine gets more logical CPUs than cores (see FACTS: Ray Serve LLM on CPU)."""
+    return int(os.environ.get("RAYLM_NUM_CPUS", max(8, os.cpu_count() or 1)))
+
+
+def init_ray(address: str | None = None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    if address:
+        # Inside `ray job submit` the job's runtime_env (working_dir) already applies; add the package modules.
+        ray.init(address=address, runtime_env=code_runtime_env(), log_to_driver=True)
+    else:
+        ray.init(num_cpus=local_num_cpus(), include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

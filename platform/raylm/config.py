@@ -1,0 +1,169 @@
+"""Typed stage configs loaded from YAML with `key=value` overrides.
+
+Every config is a pydantic model that forbids unknown keys. Loading goes through `load_config`, which turns
+pydantic's errors into one `ConfigError` that names the bad key and, for an unknown key, lists the valid choices
+(with a "did you mean" hint). Nothing starts when a config is invalid.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Type, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound="Section")
+
+
+class ConfigError(ValueError):
+    """An invalid config: names the offending key."""
+
+
+class Section(BaseModel):
+    """Base of every config block: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------- shared parts
+class ModelSpec(Section):
+    """Where a model comes from: a tiny preset (random init) or a local Hugging Face directory."""
+
+    preset: str | None = "tiny"
+    path: str | None = None  # a local HF directory (e.g. a Qwen2.5 or Llama checkpoint); wins over preset
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Overrides of the preset's architecture fields (hidden_size, num_hidden_layers, ...).
+    overrides: dict[str, Any] = {}
+
+
+class OptimSpec(Section):
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+class ResourcesSpec(Section):
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    strategy: Literal["fsdp2", "ddp"] = "fsdp2"
+    max_failures: int = 0  # Ray Train restarts of the worker group
+
+
+class LoraSpec(Section):
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainSpec(Section):
+    max_steps: int = 100
+    batch_size: int = 16  # per worker
+    seq_len: int = 128
+    eval_every: int = 20
+    log_every: int = 5
+    seed: int = 0
+
+
+class StageConfig(Section):
+    """Fields every stage has."""
+
+    root: str = "runs"  # run store: a local path or an fsspec URI (s3://bucket/prefix)
+    name: str | None = None  # optional human label for the run
+    ray_address: str | None = None  # None: connect to RAY_ADDRESS or start a local cluster
+    # Input artifacts: role -> "RUN_ID" or "RUN_ID:artifact_name". The first one is the run's parent.
+    inputs: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------- loading
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    """`["train.lr=3e-4", "name=x"]` -> nested dict; values parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for listing valid keys)."""
+    node: Any = cls
+    for part in loc:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return None
+        field = node.model_fields.get(str(part))
+        if field is None:
+            return None
+        node = field.annotation
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
+
+
+def _explain(cls: type[BaseModel], err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(cls, loc[:-1])
+            valid = sorted(owner.model_fields) if owner else []
+            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            msg = f"unknown key {key!r}"
+            if hint:
+                msg += f" (did you mean {'.'.join([*map(str, loc[:-1]), hint[0]])!r}?)"
+            msg += f"; valid keys here: {', '.join(valid)}"
+        else:
+            msg = f"bad value for {key!r}: {e['msg']} (got {e.get('input')!r})"
+        lines.append(msg)
+    return f"invalid {cls.__name__} from {origin}:\n  " + "\n  ".join(lines)
+
+
+def load_config(cls: Type[T], source: str | Path | dict | None = None, overrides=()) -> T:
+    """Build `cls` from a YAML path (or dict) plus `key=value` overrides; raise ConfigError naming bad keys."""
+    origin = "defaults"
+    data: dict = {}
+    if isinstance(source, dict):
+        data, origin = dict(source), "dict"
+    elif source is not None:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys, got {type(loaded).__name__}")
+        data, origin = loaded or {}, str(path)
+    data = deep_merge(data, parse_overrides(list(overrides)))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(cls, err, origin)) from None

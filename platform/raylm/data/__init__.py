@@ -1,0 +1,1 @@
+"""Ray Data operators: filters, dedup, tokenization."""

@@ -1,0 +1,56 @@
+"""The stage contract: resolve inputs from the run store -> Ray workload -> outputs + manifest.
+
+A recipe in `pipelines/` declares `STAGE`, `Config` (a StageConfig subclass), `INPUTS` (role -> accepted artifact
+kinds) and `body(run, inputs, cfg)`. `execute` checks the inputs *before* anything starts, so a missing artifact
+or a stage pointed at the wrong parent fails with a clear message and no half-written run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+
+from raylm.cluster import init_ray
+from raylm.config import ConfigError, StageConfig, load_config
+from raylm.runs import RunError, RunStore
+
+
+def resolve_inputs(store: RunStore, stage: str, cfg: StageConfig, accepted: dict[str, tuple[str, ...]]) -> dict:
+    missing = [r for r in accepted if r not in cfg.inputs]
+    if missing:
+        needs = ", ".join(f"{r} ({'|'.join(k)})" for r, k in accepted.items())
+        raise ConfigError(f"{stage}: missing input(s) {', '.join('inputs.' + r for r in missing)}; "
+                          f"{stage} needs {needs}")
+    extra = [r for r in cfg.inputs if r not in accepted]
+    if extra:
+        raise ConfigError(f"{stage}: unknown input(s) {', '.join('inputs.' + r for r in extra)}; "
+                          f"valid: {', '.join(accepted) or 'none'}")
+    return {role: store.resolve(role, cfg.inputs[role], kinds) for role, kinds in accepted.items()}
+
+
+def execute(recipe: ModuleType, cfg: StageConfig) -> str:
+    """Run one stage; returns the new run id."""
+    store = RunStore(cfg.root)
+    inputs = resolve_inputs(store, recipe.STAGE, cfg, recipe.INPUTS)
+    resolved = cfg.model_dump(mode="json")
+    resolved["inputs"] = {role: f"{ref.run_id}:{ref.artifact}" for role, ref in inputs.items()}
+    init_ray(cfg.ray_address)
+    with store.start_run(recipe.STAGE, resolved, list(inputs.values()), name=cfg.name) as run:
+        recipe.body(run, inputs, cfg)
+    return run.id
+
+
+def cli_main(recipe: ModuleType, argv: list[str] | None = None) -> str:
+    """`python -m pipelines.STAGE --config X.yaml [k=v ...]`."""
+    ap = argparse.ArgumentParser(prog=f"python -m pipelines.{recipe.STAGE}", description=recipe.__doc__)
+    ap.add_argument("--config", help="YAML config")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 inputs.model=RUN_ID")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(recipe.Config, args.config, args.overrides)
+        run_id = execute(recipe, cfg)
+    except (ConfigError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"{recipe.STAGE} run {run_id} succeeded; manifest: {RunStore(cfg.root).uri(run_id, 'manifest.json')}")
+    return run_id

@@ -1,0 +1,206 @@
+"""The Ray Train loop shared by pre-training, SFT and the DPO family.
+
+What differs between stages is only the objective (`lm` or `preference`) and the loss name; the loop does
+setup -> (wrap with FSDP2 or DDP) -> steps with warmup/decay LR, grad clipping, metric all-reduce and periodic
+validation -> export of a full Hugging Face model (and the LoRA adapter) from rank 0 as a Ray Train checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from raylm.config import LoraSpec, ModelSpec
+from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, causal_lm, sequence_logps
+from raylm.models import build_model, load_tokenizer, param_count
+from raylm.train.schedules import lr_multiplier
+
+
+# ---------------------------------------------------------------- model setup
+def make_model(job: dict, tokenizer):
+    model = build_model(ModelSpec(**job["model"]), tokenizer, seed=job["train"]["seed"])
+    if job.get("lora"):
+        from peft import LoraConfig, get_peft_model  # PEFT's LoRA, not a hand-rolled one
+
+        lora = LoraSpec(**job["lora"])
+        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return model
+
+
+def wrap(model, strategy: str):
+    """FSDP2 (`fully_shard` per decoder layer, then the root) or DDP. Gloo on CPU, NCCL on GPU (set by Ray Train)."""
+    if dist.get_world_size() == 1:
+        return model
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dict(model, strategy: str) -> dict:
+    """A full, CPU state dict on rank 0 (collective under FSDP2: every rank must call it)."""
+    if strategy == "fsdp2" and dist.get_world_size() > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def export(job: dict, state: dict, tokenizer, out_dir: str) -> dict:
+    """Rank 0: rebuild the model on CPU, load the trained state, save `model/` (merged) and `adapter/` if LoRA."""
+    model = make_model(job, tokenizer)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k or not job.get("lora")]:
+        raise RuntimeError(f"state dict mismatch on export: missing={missing[:5]} unexpected={unexpected[:5]}")
+    info = {}
+    if job.get("lora"):
+        model.save_pretrained(os.path.join(out_dir, "adapter"))
+        info["adapter_params"] = param_count(model, trainable_only=True)
+        model = model.merge_and_unload()
+    model.save_pretrained(os.path.join(out_dir, "model"))
+    tokenizer.save_pretrained(os.path.join(out_dir, "model"))
+    return info
+
+
+# ---------------------------------------------------------------- objectives
+def lm_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    loss = LM_LOSSES[job["loss"]](logits, batch["labels"])
+    return loss, {"loss": loss.detach()}
+
+
+def _pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    logps = sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+    n = batch["chosen_input_ids"].shape[0]
+    return logps[:n], logps[n:]
+
+
+def preference_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
+    """Policy vs reference log-probs. With LoRA the reference is the same weights with adapters disabled
+    (TRL's trick for PEFT models: no second model in memory)."""
+    with torch.no_grad():
+        ctx = unwrap(model).disable_adapter() if job.get("lora") else nullcontext()
+        with ctx:
+            ref_c, ref_r = _pair_logps(model if job.get("lora") else job["_ref_model"], batch)
+    pi_c, pi_r = _pair_logps(model, batch)
+    losses, r_c, r_r = PREFERENCE_LOSSES[job["loss"]](pi_c, pi_r, ref_c, ref_r, beta=job["beta"],
+                                                      label_smoothing=job.get("label_smoothing", 0.0))
+    loss = losses.mean()
+    return loss, {"loss": loss.detach(), "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(),
+                  "reward_margin": (r_c - r_r).mean(), "reward_accuracy": (r_c > r_r).float().mean(),
+                  "logp_chosen": pi_c.detach().mean()}
+
+
+OBJECTIVES = {"lm": lm_step, "preference": preference_step}
+
+
+# ---------------------------------------------------------------- helpers
+def _mean_across_workers(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t)}
+
+
+def _batches(shard, batch_size: int):
+    while True:  # epochs until max_steps
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            yield batch
+
+
+@torch.no_grad()
+def evaluate(model, shard, job: dict, batch_size: int) -> dict[str, float]:
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    n = torch.zeros(())
+    for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
+        _, metrics = OBJECTIVES[job["objective"]](model, batch, job)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, torch.zeros(())) + v.float()
+        n += 1
+    model.train()
+    if not sums:
+        return {}
+    means = _mean_across_workers({k: v / max(n, 1) for k, v in sums.items()})
+    return {f"val_{k}": v for k, v in means.items()}
+
+
+# ---------------------------------------------------------------- the loop
+def train_loop_per_worker(job: dict) -> None:
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    tc, oc = job["train"], job["optim"]
+    torch.manual_seed(tc["seed"])
+    tokenizer = load_tokenizer(job["tokenizer_path"])
+    model = make_model(job, tokenizer)
+    n_params, n_trainable = param_count(model), param_count(model, trainable_only=True)
+    if job["objective"] == "preference" and not job.get("lora"):
+        job["_ref_model"] = make_model(job, tokenizer).eval().requires_grad_(False)
+    model = wrap(model, job["strategy"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=oc["lr"], betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
+    step_fn = OBJECTIVES[job["objective"]]
+    train_it = _batches(ray.train.get_dataset_shard("train"), tc["batch_size"])
+    val_shard = ray.train.get_dataset_shard("val") if job.get("has_val") else None
+    world = ctx.get_world_size()
+    tokens_per_step = tc["batch_size"] * world * tc["seq_len"]
+
+    history: list[dict] = []
+    t_start = t_last = time.time()
+    for step in range(tc["max_steps"]):
+        lr = oc["lr"] * lr_multiplier(step, tc["max_steps"], oc["warmup_steps"], oc["schedule"], oc["min_lr_ratio"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, metrics = step_fn(model, next(train_it), job)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, oc["grad_clip"])
+        if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last = step == tc["max_steps"] - 1
+        if step % tc["log_every"] == 0 or last:
+            row = {"step": step + 1, "lr": lr, **_mean_across_workers({**metrics, "grad_norm": grad_norm})}
+            now = time.time()
+            row["tokens_seen"] = (step + 1) * tokens_per_step
+            row["tokens_per_s"] = round(tokens_per_step * (tc["log_every"] if step else 1) / max(now - t_last, 1e-9))
+            t_last = now
+            if val_shard is not None and ((step + 1) % tc["eval_every"] == 0 or last or step == 0):
+                row.update(evaluate(model, val_shard, job, tc["batch_size"]))
+            history.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+    train_s = time.time() - t_start
+
+    state = full_state_dict(model, job["strategy"])
+    final = {**history[-1], "train_s": round(train_s, 2), "params": n_params, "trainable_params": n_trainable,
+             "world_size": world}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            final.update(export(job, state, tokenizer, tmp))
+            with open(os.path.join(tmp, "history.json"), "w") as f:
+                json.dump(history, f)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(final, checkpoint=checkpoint)
