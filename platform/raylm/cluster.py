@@ -9,6 +9,7 @@ import ray
 
 PACKAGE_DIR = Path(__file__).resolve().parent  # platform/raylm
 REPO_DIR = PACKAGE_DIR.parents[1]
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 def code_runtime_env() -> dict:
@@ -37,10 +38,10 @@ def init_ray(address: str | None = None) -> None:
     logging.getLogger("ray").setLevel(logging.WARNING)
     if address:
         # Inside `ray job submit` the job's runtime_env (working_dir) already applies; add the package modules.
-        ray.init(address=address, runtime_env=code_runtime_env(), log_to_driver=True)
+        ray.init(address=address, runtime_env={**code_runtime_env(), "env_vars": WORKER_ENV}, log_to_driver=True)
     else:
         ray.init(num_cpus=local_num_cpus(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": WORKER_ENV})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

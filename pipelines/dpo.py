@@ -1,0 +1,64 @@
+"""dpo: preference optimisation (DPO family: dpo | ipo | hinge) on Ray Train, LoRA on the SFT model.
+
+Pairs come from the instruction tasks: the correct answer is chosen, a plausible wrong one rejected. With LoRA
+the reference policy is the same weights with adapters disabled, so no second model is held in memory.
+"""
+from __future__ import annotations
+
+from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.data.tokenize import PreferencePairs
+from raylm.losses import PREFERENCE_LOSSES
+from raylm.train.launch import fit
+from pipelines.sft import chat_dataset, lora_meta
+
+STAGE = "dpo"
+INPUTS = {"model": ("model",), "dataset": ("dataset",)}
+
+
+class Config(StageConfig):
+    loss: str = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    lora: LoraSpec | None = LoraSpec()
+    optim: OptimSpec = OptimSpec(lr=1e-3, warmup_steps=10)
+    train: TrainSpec = TrainSpec(max_steps=80, batch_size=16, seq_len=48, eval_every=20)
+    resources: ResourcesSpec = ResourcesSpec()
+    train_split: str = "tasks_train"
+    val_split: str = "tasks_test"
+
+
+def body(run, inputs, cfg: Config) -> None:
+    if cfg.loss not in PREFERENCE_LOSSES:
+        from raylm.config import ConfigError
+
+        raise ConfigError(f"unknown key value loss={cfg.loss!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
+    model_uri, data = inputs["model"].uri, inputs["dataset"].uri
+    train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len, PreferencePairs)
+    val = chat_dataset(f"{data}/{cfg.val_split}", model_uri, cfg.train.seq_len, PreferencePairs)
+    job = {"objective": "preference", "loss": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
+           "tokenizer_path": model_uri, "model": {"path": model_uri, "preset": None},
+           "lora": cfg.lora.model_dump() if cfg.lora else None,
+           "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
+    with run.time("train_s"):
+        out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
+    run.add_artifact("model", "model", f"{out['checkpoint']}/model", meta={"merged_from_lora": bool(cfg.lora)})
+    if cfg.lora:
+        run.add_artifact("adapter", "adapter", f"{out['checkpoint']}/adapter", meta=lora_meta(cfg))
+    run.log_history(out["history"])
+    first, last = out["history"][0], out["history"][-1]
+    run.log_metrics({
+        "algorithm": cfg.loss, "beta": cfg.beta, "pairs": train.count(),
+        "reference": "policy with LoRA adapters disabled" if cfg.lora else "frozen copy of the input model",
+        "initial_loss": first["loss"], "final_loss": last["loss"],
+        "final_reward_margin": last.get("reward_margin"), "final_reward_accuracy": last.get("reward_accuracy"),
+        "val_reward_accuracy": last.get("val_reward_accuracy"), "val_reward_margin": last.get("val_reward_margin"),
+        "train_s": out["metrics"].get("train_s"), "trainable_params": out["metrics"].get("trainable_params"),
+    })
+
+
+if __name__ == "__main__":
+    import sys
+
+    from raylm.stage import cli_main
+
+    cli_main(sys.modules[__name__])

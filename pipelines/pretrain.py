@@ -1,0 +1,70 @@
+"""pretrain: a causal LM from a config (or a local checkpoint, for continued pre-training) on Ray Train.
+
+Ray Data tokenizes and packs the curated text into fixed-length blocks; `TorchTrainer` runs the shared loop on
+N workers with FSDP2 (or DDP): warmup + cosine LR, train and validation loss per log step, a full HF checkpoint
+exported at the end.
+"""
+from __future__ import annotations
+
+import ray
+
+from raylm.config import ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.data.tokenize import PackText
+from raylm.models import architecture, flops_per_token, load_model, param_count
+from raylm.train.launch import fit
+
+STAGE = "pretrain"
+INPUTS = {"dataset": ("dataset",), "tokenizer": ("tokenizer",)}
+
+
+class Config(StageConfig):
+    model: ModelSpec = ModelSpec()
+    optim: OptimSpec = OptimSpec(lr=3e-3, warmup_steps=20)
+    train: TrainSpec = TrainSpec(max_steps=200, batch_size=16, seq_len=128, eval_every=25)
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+def packed(uri: str, tok_path: str, seq_len: int):
+    return ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len),
+                                                  concurrency=1, batch_size=256, batch_format="pandas").materialize()
+
+
+def body(run, inputs, cfg: Config) -> None:
+    data, tok_path = inputs["dataset"].uri, inputs["tokenizer"].uri
+    with run.time("tokenize_s"):
+        train, val = packed(f"{data}/text_train", tok_path, cfg.train.seq_len), \
+            packed(f"{data}/text_val", tok_path, cfg.train.seq_len)
+    job = {"objective": "lm", "loss": "causal_lm", "tokenizer_path": tok_path,
+           "model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
+    with run.time("train_s"):
+        out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
+    model_uri = f"{out['checkpoint']}/model"
+    model = load_model(model_uri)
+    arch = architecture(model.config)
+    n_tokens_step = cfg.train.batch_size * cfg.resources.num_workers * cfg.train.seq_len
+    run.add_artifact("model", "model", model_uri, meta={"architecture": arch, "params": param_count(model)})
+    run.log_history(out["history"])
+    first, last = out["history"][0], out["history"][-1]
+    run.log_metrics({
+        "architecture": arch, "params": param_count(model), "train_blocks": train.count(),
+        "dataset_tokens": train.count() * cfg.train.seq_len, "tokens_seen": last["tokens_seen"],
+        "tokens_per_step": n_tokens_step, "epochs": round(last["tokens_seen"] / max(1, train.count() *
+                                                                                      cfg.train.seq_len), 2),
+        "flops_per_token": flops_per_token(model.config, cfg.train.seq_len),
+        "total_flops": flops_per_token(model.config, cfg.train.seq_len) * last["tokens_seen"],
+        "initial_loss": first["loss"], "final_loss": last["loss"],
+        "initial_val_loss": first.get("val_loss"), "final_val_loss": last.get("val_loss"),
+        "final_val_ppl": round(float(__import__("math").exp(last["val_loss"])), 3) if "val_loss" in last else None,
+        "train_s": out["metrics"].get("train_s"), "mean_tokens_per_s": round(
+            last["tokens_seen"] / max(out["metrics"].get("train_s", 1), 1e-9)),
+        "devices": f"{cfg.resources.num_workers}x {'GPU' if cfg.resources.use_gpu else 'CPU'} "
+                   f"({cfg.resources.strategy})",
+    })
+
+
+if __name__ == "__main__":
+    import sys
+
+    from raylm.stage import cli_main
+
+    cli_main(sys.modules[__name__])

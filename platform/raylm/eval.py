@@ -1,0 +1,79 @@
+"""Evaluation tasks for one checkpoint: held-out perplexity, task exact-match, preference accuracy.
+
+Plain PyTorch/transformers on one Ray task per checkpoint (tiny models; batched greedy decoding). Scores are
+pure functions of (model, tokenizer, data) so the same code scores a real checkpoint.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raylm import tasks as T
+from raylm.data.tokenize import chat_tokens
+from raylm.losses import IGNORE, sequence_logps
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts: list[str], seq_len: int = 128, max_blocks: int = 256, batch_size: int = 16) -> dict:
+    """Token-level perplexity of held-out text packed into `seq_len` blocks (as in pre-training)."""
+    ids: list[int] = []
+    for enc in tok(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc + [tok.eos_token_id])
+    n = min(len(ids) // seq_len, max_blocks)
+    blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    nll, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        b = blocks[i: i + batch_size]
+        logits = model(input_ids=b).logits[:, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
+        count += b[:, 1:].numel()
+    loss = nll / max(count, 1)
+    return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "tokens": count}
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
+    """Greedy answers to one-turn chat prompts (left padding, stop at end-of-turn)."""
+    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    stop = [s for s in stop if s is not None and s >= 0]
+    tok.padding_side = "left"
+    outs: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                         tokenize=False) for p in prompts[i: i + batch_size]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id)
+        outs.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return [o.strip() for o in outs]
+
+
+def exact_match(model, tok, task_rows: list[dict], max_new_tokens: int = 8) -> dict:
+    preds = generate(model, tok, [t["prompt"] for t in task_rows], max_new_tokens)
+    hits = [T.exact_match(p, t["answer"]) for p, t in zip(preds, task_rows)]
+    per_family: dict[str, list[bool]] = {}
+    for h, t in zip(hits, task_rows):
+        per_family.setdefault(t["family"], []).append(h)
+    return {"exact_match": round(sum(hits) / max(1, len(hits)), 4),
+            "per_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(per_family.items())},
+            "predictions": preds}
+
+
+@torch.no_grad()
+def preference_accuracy(model, tok, task_rows: list[dict], max_len: int = 48) -> dict:
+    """Fraction of held-out pairs where the model gives the correct answer a higher log-prob than the wrong one."""
+    def logps(answers: list[str]) -> torch.Tensor:
+        seqs = [chat_tokens(tok, t["prompt"], a, max_len) for t, a in zip(task_rows, answers)]
+        width = max(len(s[0]) for s in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        labels = torch.full((len(seqs), width), IGNORE)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, lab) in enumerate(seqs):
+            ids[i, : len(s)], labels[i, : len(lab)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(lab), 1
+        return sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+
+    good = logps([t["answer"] for t in task_rows])
+    bad = logps([t["wrong"] for t in task_rows])
+    return {"preference_accuracy": round((good > bad).float().mean().item(), 4),
+            "mean_logp_margin": round((good - bad).mean().item(), 4)}
