@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Type, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 T = TypeVar("T", bound="Section")
 
@@ -24,6 +24,22 @@ class Section(BaseModel):
     """Base of every config block: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_nested_defaults(cls, data: Any) -> Any:
+        """A partial nested section keeps the stage's own defaults for the keys it does not set.
+
+        (Plain pydantic would rebuild the section from the field type's defaults: `optim: {lr: 1e-4}` on a stage
+        whose default warmup is 20 would silently fall back to the generic warmup.)
+        """
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(out.get(name), dict) and isinstance(field.default, BaseModel):
+                out[name] = deep_merge(field.default.model_dump(), out[name])
+        return out
 
 
 # ---------------------------------------------------------------- shared parts
@@ -102,8 +118,21 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set_path(tree, key.strip(), _scalar(raw))
     return tree
+
+
+def _scalar(raw: str) -> Any:
+    """YAML scalar/list; `3e-4` is a float (YAML 1.1 alone would read it as a string)."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") and value.strip() == value else value
+        except ValueError:
+            return value
+    return value
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

@@ -1,0 +1,324 @@
+"""report: one HTML page for a run's lineage, filled from manifests only (seed 001's technical-report structure).
+
+Walks from the given run back to the data, then adds the evaluate and serve runs that consumed any model of that
+lineage. Sections: overview, data, tokenizer, architecture and pre-training (optimizer, schedule, distributed
+setup, compute), SFT (LoRA rank/targets/merge), preference alignment (algorithm, loss, beta, rewards), evaluation
+(per checkpoint, deltas, before/after examples, radar chart), serving, environment. Loss and LR curves are drawn
+with matplotlib and embedded in the page, so the report is one self-contained file.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+
+from raylm.config import StageConfig
+from raylm.runs import Manifest, RunStore
+
+STAGE = "report"
+ANY_KIND = ("model", "dataset", "tokenizer", "adapter", "eval", "endpoint", "excluded", "report")
+INPUTS = {"run": ANY_KIND}
+
+# The loss written out per algorithm (seed 001 asks for "the full loss expression").
+LOSS_FORMULAS = {
+    "causal_lm": "L = -(1/N) &Sigma;<sub>t</sub> log p<sub>&theta;</sub>(x<sub>t</sub> | x<sub>&lt;t</sub>)",
+    "sft": "L = -(1/|A|) &Sigma;<sub>t&isin;A</sub> log p<sub>&theta;</sub>(y<sub>t</sub> | x, y<sub>&lt;t</sub>), "
+           "A = assistant tokens only (prompt masked with -100)",
+    "dpo": "L = -log &sigma;(&beta; [(log &pi;<sub>&theta;</sub>(y<sub>w</sub>|x) - log &pi;<sub>ref</sub>(y<sub>w</sub>|x))"
+           " - (log &pi;<sub>&theta;</sub>(y<sub>l</sub>|x) - log &pi;<sub>ref</sub>(y<sub>l</sub>|x))])",
+    "ipo": "L = (h - 1/(2&beta;))<sup>2</sup>, h = log-ratio margin of chosen over rejected",
+    "hinge": "L = max(0, 1 - &beta; h), h = log-ratio margin of chosen over rejected",
+}
+
+
+class Config(StageConfig):
+    title: str = "raylm lineage report"
+
+
+# ---------------------------------------------------------------- collecting runs
+def collect(store: RunStore, run_id: str) -> dict[str, list[Manifest]]:
+    """stage -> runs: the lineage of `run_id` plus evaluate/serve runs that used one of its models."""
+    lineage = store.lineage(run_id)
+    ids = {m.run_id for m in lineage}
+    by_stage: dict[str, list[Manifest]] = {}
+    for m in lineage:
+        by_stage.setdefault(m.stage, []).append(m)
+    for stage in ("evaluate", "serve"):
+        if stage in by_stage:
+            continue
+        users = [m for m in store.list(stage) if m.status == "succeeded" and any(i.run_id in ids for i in m.inputs)]
+        if users:
+            by_stage[stage] = [users[-1]]
+    return by_stage
+
+
+# ---------------------------------------------------------------- figures
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def curves(history: list[dict], title: str) -> str | None:
+    """Loss (train/val) and LR against step; for preference stages also chosen/rejected rewards."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    panels = 3 if "reward_chosen" in history[0] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3))
+    ax = axes[0]
+    ax.plot(steps, [r["loss"] for r in history], label="train")
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set(title=f"{title}: loss", xlabel="step")
+    ax.legend()
+    axes[1].plot(steps, [r["lr"] for r in history], color="tab:green")
+    axes[1].set(title=f"{title}: learning rate", xlabel="step")
+    if panels == 3:
+        axes[2].plot(steps, [r["reward_chosen"] for r in history], label="chosen")
+        axes[2].plot(steps, [r["reward_rejected"] for r in history], label="rejected")
+        axes[2].set(title=f"{title}: implicit reward", xlabel="step")
+        axes[2].legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def radar(models: dict) -> str | None:
+    """Per-family exact match of every checkpoint on one polar chart (seed 000's capability radar)."""
+    fams = sorted({f for m in models.values() for f in m.get("exact_match_per_family", {})})
+    if len(fams) < 3:
+        return None
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    angles = [2 * math.pi * i / len(fams) for i in range(len(fams))] + [0.0]
+    fig = plt.figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot(polar=True)
+    for m in models.values():
+        vals = [m["exact_match_per_family"].get(f, 0.0) for f in fams]
+        ax.plot(angles, vals + vals[:1], label=m["stage"])
+        ax.fill(angles, vals + vals[:1], alpha=0.1)
+    ax.set_xticks(angles[:-1], fams)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1))
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- html helpers
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (dict, list)):
+        return html.escape(json.dumps(v, default=str)[:600])
+    return html.escape(str(v))
+
+
+def kv_table(rows: dict) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows.items()
+                   if v is not None)
+    return f"<table class='kv'>{body}</table>"
+
+
+def grid(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table class='grid'><tr>{head}</tr>{body}</table>"
+
+
+def img(b64: str | None) -> str:
+    return f"<img src='data:image/png;base64,{b64}'/>" if b64 else ""
+
+
+def run_header(m: Manifest) -> str:
+    inputs = ", ".join(f"{i.role}={i.run_id}:{i.artifact} (sha256 {i.sha256[:12]})" for i in m.inputs) or "none"
+    outs = ", ".join(f"{a.name} ({a.kind}, sha256 {a.sha256[:12]})" for a in m.outputs.values())
+    return (f"<p class='run'>run <code>{m.run_id}</code> · {m.status} · {m.timings.get('wall_s', '?')} s wall"
+            f"<br>inputs: {html.escape(inputs)}<br>outputs: {html.escape(outs)}</p>")
+
+
+def pick(d: dict, *keys: str) -> dict:
+    return {k: d.get(k) for k in keys if d.get(k) is not None}
+
+
+# ---------------------------------------------------------------- sections
+def section_data(m: Manifest) -> str:
+    x = m.metrics
+    counts = pick(x, "docs_in", "docs_kept", "docs_dropped", "docs_quarantined", "duplicates_removed", "kept_chars",
+                  "kept_pretokens")
+    rules = pick(m.config, "source", "sources", "min_chars", "max_chars", "min_alpha_ratio",
+                 "max_repeated_line_fraction", "val_percent")
+    per_source = [{"source": s, **v} for s, v in x.get("per_source", {}).items()]
+    return (f"<h2>2. Data (curate)</h2>{run_header(m)}<h3>Counts (in = kept + dropped + quarantined)</h3>"
+            f"{kv_table(counts)}<h3>Cleaning rules</h3>{kv_table(rules)}"
+            f"<h3>Drop and quarantine reasons</h3>{kv_table({**x.get('drop_reasons', {}), **x.get('quarantine_reasons', {})})}"
+            f"<h3>Sources (mix)</h3>{grid(per_source)}<h3>Splits</h3>{kv_table(x.get('splits', {}))}")
+
+
+def section_tokenizer(m: Manifest) -> str:
+    x = m.metrics
+    per = [{"source": s, **v} for s, v in x.get("per_source_val", {}).items()]
+    return (f"<h2>3. Tokenizer</h2>{run_header(m)}"
+            f"{kv_table({**pick(m.config, 'vocab_size', 'min_frequency', 'path'), **pick(x, 'vocab_size', 'special_tokens', 'tokens_per_char_train', 'tokens_per_char_val', 'chars_per_token_val', 'train_tokens')})}"
+            f"<h3>Compression rate per source (held-out, tokens per character)</h3>{grid(per)}")
+
+
+def _training(m: Manifest, store: RunStore, title: str) -> tuple[dict, dict, str]:
+    cfg = m.config
+    optim, train, res = cfg.get("optim", {}), cfg.get("train", {}), cfg.get("resources", {})
+    schedule = {"schedule": optim.get("schedule"), "peak_lr": optim.get("lr"),
+                "final_lr": (optim.get("lr") or 0) * (optim.get("min_lr_ratio") or 0)
+                if optim.get("schedule") != "constant" else optim.get("lr"),
+                "warmup_steps": optim.get("warmup_steps"),
+                "warmup_ratio": round(optim.get("warmup_steps", 0) / max(1, train.get("max_steps", 1)), 3),
+                "decay_steps": train.get("max_steps", 0) - optim.get("warmup_steps", 0),
+                "optimizer": f"AdamW betas={optim.get('betas')} wd={optim.get('weight_decay')}",
+                "grad_clip": optim.get("grad_clip")}
+    setup = {"steps": train.get("max_steps"), "batch_size_per_worker": train.get("batch_size"),
+             "global_batch": (train.get("batch_size") or 0) * (res.get("num_workers") or 1),
+             "seq_len": train.get("seq_len"),
+             "workers": f"{res.get('num_workers')}x {'GPU' if res.get('use_gpu') else 'CPU'}",
+             "strategy": res.get("strategy"), "framework": "Ray Train TorchTrainer"}
+    return schedule, setup, img(curves(store.history(m.run_id), title))
+
+
+def section_pretrain(m: Manifest, store: RunStore) -> str:
+    x = m.metrics
+    schedule, setup, fig = _training(m, store, "pretrain")
+    arch = x.get("architecture", {})
+    compute = pick(x, "params", "dataset_tokens", "tokens_seen", "epochs", "flops_per_token", "total_flops",
+                   "train_s", "mean_tokens_per_s", "devices")
+    result = pick(x, "initial_loss", "final_loss", "initial_val_loss", "final_val_loss", "final_val_ppl")
+    return (f"<h2>4. Architecture and pre-training</h2>{run_header(m)}<h3>Architecture</h3>{kv_table(arch)}"
+            f"<h3>Training strategy</h3>{kv_table(setup)}<h3>Learning-rate schedule (warmup + annealing)</h3>"
+            f"{kv_table(schedule)}<h3>Compute</h3>{kv_table(compute)}<h3>Loss</h3>"
+            f"<p>{LOSS_FORMULAS['causal_lm']}</p>{kv_table(result)}{fig}")
+
+
+def section_sft(m: Manifest, store: RunStore) -> str:
+    x = m.metrics
+    schedule, setup, fig = _training(m, store, "sft")
+    lora = m.config.get("lora")
+    method = ({"method": "LoRA (PEFT)", "rank": lora["rank"], "alpha": lora["alpha"], "dropout": lora["dropout"],
+               "target_modules": lora["target_modules"], "merge": "merged into the base weights for export"}
+              if lora else {"method": "full fine-tuning"})
+    data = pick(x, "examples", "epochs", "trainable_params", "params", "adapter_params")
+    result = pick(x, "initial_loss", "final_loss", "initial_val_loss", "final_val_loss")
+    return (f"<h2>5. Supervised fine-tuning</h2>{run_header(m)}<h3>Method</h3>{kv_table(method)}"
+            f"<h3>Data</h3>{kv_table({'data': 'synthetic instruction tasks (tasks_train split)', **data})}"
+            f"<h3>Training</h3>{kv_table({**setup, **schedule})}<h3>Loss</h3><p>{LOSS_FORMULAS['sft']}</p>"
+            f"{kv_table(result)}{fig}")
+
+
+def section_preference(m: Manifest, store: RunStore) -> str:
+    x = m.metrics
+    schedule, setup, fig = _training(m, store, m.stage)
+    algo = m.config.get("loss", "dpo")
+    info = {"algorithm": algo, "beta (KL strength)": m.config.get("beta"),
+            "label_smoothing": m.config.get("label_smoothing"), "reference": x.get("reference"),
+            "reward model": "none: implicit reward r = beta * log(pi/pi_ref)", "value network": "none",
+            "preference pairs": x.get("pairs"), "pair source": "task answer (chosen) vs plausible wrong answer"}
+    result = pick(x, "initial_loss", "final_loss", "final_reward_margin", "final_reward_accuracy",
+                  "val_reward_accuracy", "val_reward_margin")
+    return (f"<h2>6. Preference alignment ({html.escape(algo)})</h2>{run_header(m)}{kv_table(info)}"
+            f"<h3>Loss</h3><p>{LOSS_FORMULAS.get(algo, algo)}</p><h3>Training</h3>{kv_table({**setup, **schedule})}"
+            f"<h3>Result</h3>{kv_table(result)}{fig}")
+
+
+def section_eval(m: Manifest) -> str:
+    x = m.metrics
+    rows = [{"checkpoint": f"{v['stage']} ({rid})", **pick(v, "perplexity", "exact_match", "preference_accuracy",
+                                                               "mean_logp_margin", "n_tasks")}
+            for rid, v in x.get("models", {}).items()]
+    fams = [{"checkpoint": v["stage"], **v.get("exact_match_per_family", {})} for v in x.get("models", {}).values()]
+    return (f"<h2>7. Evaluation</h2>{run_header(m)}<p>Held-out text perplexity, exact match on held-out tasks, "
+            f"preference accuracy (correct answer more likely than the wrong one).</p>{grid(rows)}"
+            f"<h3>Change over the previous checkpoint</h3>{grid(x.get('deltas', []))}"
+            f"<h3>Exact match per task family</h3>{grid(fams)}{img(radar(x.get('models', {})))}"
+            f"<h3>Before / after examples</h3>{grid(x.get('examples', []))}")
+
+
+def section_serve(m: Manifest) -> str:
+    x, c = m.metrics, m.config
+    engine = {**c.get("engine_kwargs", {}), "accelerator": c.get("accelerator"),
+              "replicas (min-max)": f"{c.get('min_replicas')}-{c.get('max_replicas')}"}
+    result = pick(x, "engine", "url", "model_id", "deploy_s", "completion_latency_ms", "chat_latency_ms",
+                  "completion", "chat", "bad_request_status", "status_after_bad_request")
+    return f"<h2>8. Serving</h2>{run_header(m)}{kv_table(result)}<h3>Engine settings</h3>{kv_table(engine)}"
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+         "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px;vertical-align:top}"
+         "table.kv th{background:#f4f4f4;width:260px}.run{color:#555;font-size:12px}img{max-width:100%}")
+
+
+def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], title: str) -> str:
+    order = [m for s in ("curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve")
+             for m in by_stage.get(s, [])]
+    known = {"curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve", "report"}
+    order += [m for s, ms in by_stage.items() if s not in known for m in ms]
+    chain = " → ".join(f"{m.stage}" for m in order)
+    final_model = next((m for s in ("dpo", "sft", "pretrain") for m in by_stage.get(s, [])), None)
+    overview = {"target run": target, "pipeline": chain,
+                "final model": final_model.output(kind="model").uri if final_model else None,
+                "architecture": (by_stage.get("pretrain", [None])[0].metrics.get("architecture", {}).get("model_type")
+                                 if by_stage.get("pretrain") else None),
+                "parameters": (by_stage["pretrain"][0].metrics.get("params") if by_stage.get("pretrain") else None),
+                "stage wall time (s)": {m.stage: m.timings.get("wall_s") for m in order}}
+    parts = [f"<h1>{html.escape(title)}</h1><h2>1. Overview</h2>{kv_table(overview)}"]
+    writers = {"curate": section_data, "tokenizer": section_tokenizer, "evaluate": section_eval,
+               "serve": section_serve}
+    trainers = {"pretrain": section_pretrain, "sft": section_sft, "dpo": section_preference}
+    for m in order:
+        if m.stage in writers:
+            parts.append(writers[m.stage](m))
+        elif m.stage in trainers:
+            parts.append(trainers[m.stage](m, store))
+        else:
+            parts.append(f"<h2>{html.escape(m.stage)}</h2>{run_header(m)}{kv_table(m.metrics)}")
+    env = order[-1].environment if order else {}
+    parts.append(f"<h2>9. Environment and reproducibility</h2>{kv_table(env)}"
+                 f"<h3>Resolved configs</h3>" + "".join(
+                     f"<details><summary>{m.stage} ({m.run_id})</summary><pre>{html.escape(json.dumps(m.config, indent=1))}"
+                     f"</pre></details>" for m in order))
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>" \
+           f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+
+
+def body(run, inputs, cfg: Config) -> None:
+    target = inputs["run"].run_id
+    by_stage = collect(run.store, target)
+    page = render(run.store, target, by_stage, cfg.title)
+    local = run.local_dir("report") or tempfile.mkdtemp()
+    with open(os.path.join(local, "index.html"), "w") as f:
+        f.write(page)
+    uri = run.upload(local, "report")
+    run.add_artifact("report", "report", uri, meta={"target": target})
+    run.log_metrics({"index": f"{uri}/index.html", "target": target,
+                     "stages": sorted(by_stage), "runs": [m.run_id for ms in by_stage.values() for m in ms]})
+
+
+if __name__ == "__main__":
+    import sys
+
+    from raylm.stage import cli_main
+
+    cli_main(sys.modules[__name__])

@@ -1,0 +1,124 @@
+"""serve: deploy a model behind an OpenAI-compatible endpoint (Ray Serve + vLLM) and exercise it over HTTP.
+
+Deploys with `ray.serve.llm`, waits until `/v1/models` lists the model, sends one completion, one chat request
+and one bad request (which must get a 4xx while the server stays up), records latencies and answers, then
+shuts the application down (or keeps it running with `keep_running=true`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from ray import serve
+
+from raylm.config import StageConfig
+from serve.app import build_app
+
+STAGE = "serve"
+INPUTS = {"model": ("model",)}
+
+
+class Config(StageConfig):
+    model_id: str = "raylm"
+    accelerator: str = "cpu"
+    min_replicas: int = 1
+    max_replicas: int = 1
+    engine_kwargs: dict = {"max_model_len": 256}
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prompt: str = "What is 3 plus 4?"
+    max_tokens: int = 16
+    ready_timeout_s: float = 600
+    keep_running: bool = False
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict, float]:
+    """(status, JSON body, seconds). 4xx/5xx are returned, not raised."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    t0 = time.time()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}"), time.time() - t0
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            payload = json.loads(raw)
+        except json.JSONDecodeError:
+            payload = {"raw": raw.decode(errors="replace")[:500]}
+        return err.code, payload, time.time() - t0
+
+
+def wait_ready(base: str, model_id: str, timeout: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            status, body, _ = http("GET", f"{base}/v1/models", timeout=5)
+            if status == 200 and any(m.get("id") == model_id for m in body.get("data", [])):
+                return time.time() - t0
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"endpoint {base} did not list model {model_id!r} within {timeout}s")
+
+
+def exercise(base: str, cfg: Config) -> dict:
+    """One completion, one chat, one bad request; the server must still answer afterwards."""
+    status, comp, t_comp = http("POST", f"{base}/v1/completions", {
+        "model": cfg.model_id, "prompt": cfg.prompt, "max_tokens": cfg.max_tokens, "temperature": 0})
+    if status != 200:
+        raise RuntimeError(f"completion request failed with HTTP {status}: {comp}")
+    status, chat, t_chat = http("POST", f"{base}/v1/chat/completions", {
+        "model": cfg.model_id, "messages": [{"role": "user", "content": cfg.prompt}],
+        "max_tokens": cfg.max_tokens, "temperature": 0})
+    if status != 200:
+        raise RuntimeError(f"chat request failed with HTTP {status}: {chat}")
+    bad_status, bad_body, _ = http("POST", f"{base}/v1/completions", {
+        "model": cfg.model_id, "prompt": cfg.prompt, "max_tokens": -5})
+    after_status, _, _ = http("GET", f"{base}/v1/models")
+    return {
+        "completion": comp["choices"][0]["text"], "completion_latency_ms": round(t_comp * 1000, 1),
+        "completion_usage": comp.get("usage"),
+        "chat": chat["choices"][0]["message"]["content"], "chat_latency_ms": round(t_chat * 1000, 1),
+        "chat_usage": chat.get("usage"),
+        "bad_request_status": bad_status, "bad_request_error": str(bad_body)[:300],
+        "status_after_bad_request": after_status,
+    }
+
+
+def body(run, inputs, cfg: Config) -> None:
+    model_uri = inputs["model"].uri
+    base = f"http://{cfg.host}:{cfg.port}"
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    app = build_app(model_uri, cfg.model_id, accelerator=cfg.accelerator, min_replicas=cfg.min_replicas,
+                    max_replicas=cfg.max_replicas, engine_kwargs=cfg.engine_kwargs)
+    t0 = time.time()
+    serve.run(app, name="raylm", route_prefix="/", blocking=False)
+    try:
+        ready_s = wait_ready(base, cfg.model_id, cfg.ready_timeout_s)
+        deploy_s = time.time() - t0
+        results = exercise(base, cfg)
+    finally:
+        if not cfg.keep_running:
+            serve.delete("raylm")
+            serve.shutdown()
+    record = {"url": base, "model_id": cfg.model_id, "model": model_uri, "engine": "vllm",
+              "deploy_s": round(deploy_s, 1), "ready_wait_s": round(ready_s, 1), **results,
+              "kept_running": cfg.keep_running}
+    local = run.local_dir("endpoint") or tempfile.mkdtemp()
+    with open(os.path.join(local, "endpoint.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    run.add_artifact("endpoint", "endpoint", run.upload(local, "endpoint"), meta={"url": base, "model_id": cfg.model_id})
+    run.log_metrics(record)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from raylm.stage import cli_main
+
+    cli_main(sys.modules[__name__])

@@ -1,0 +1,101 @@
+"""`raylm`: run a stage, the whole lifecycle, list and inspect runs, build a report."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from raylm.config import ConfigError, load_config
+from raylm.runs import RunError, RunStore
+
+STAGES = ["curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve", "report"]
+
+
+def _root(args) -> str:
+    return args.root or os.environ.get("RAYLM_ROOT", "runs")
+
+
+def cmd_run(args) -> None:
+    from raylm.stage import execute
+
+    recipe = importlib.import_module(f"pipelines.{args.stage}")
+    overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
+    cfg = load_config(recipe.Config, args.config, overrides)
+    run_id = execute(recipe, cfg)
+    print(f"{args.stage} run {run_id} succeeded; manifest: {RunStore(cfg.root).uri(run_id, 'manifest.json')}")
+
+
+def cmd_lifecycle(args) -> None:
+    from pipelines import lifecycle
+
+    lifecycle.main([args.config, *args.overrides] + ([f"root={args.root}"] if args.root else []))
+
+
+def cmd_runs(args) -> None:
+    store = RunStore(_root(args))
+    runs = store.list(args.stage)
+    if not runs:
+        print(f"no runs in {store.uri()}")
+    for m in runs:
+        parent = m.parent or "-"
+        print(f"{m.run_id:<36} {m.stage:<10} {m.status:<10} {m.timings.get('wall_s', ''):>8}s  parent={parent}")
+
+
+def cmd_show(args) -> None:
+    store = RunStore(_root(args))
+    if args.lineage:
+        for m in store.lineage(args.run):
+            outs = ", ".join(f"{a.name}({a.kind})" for a in m.outputs.values())
+            print(f"{m.stage:<10} {m.run_id:<36} {m.status:<10} outputs: {outs}")
+        return
+    print(store.load(args.run).to_json())
+
+
+def cmd_report(args) -> None:
+    from pipelines import report
+    from raylm.stage import execute
+
+    cfg = load_config(report.Config, None, [f"root={_root(args)}", f"inputs.run={args.run}"])
+    run_id = execute(report, cfg)
+    print(RunStore(cfg.root).load(run_id).metrics.get("index"))
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="raylm", description="Ray-native LLM lifecycle platform")
+    ap.add_argument("--root", help="run store: local dir or fsspec URI (default $RAYLM_ROOT or ./runs)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="run one stage")
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--config", help="stage YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("lifecycle", help="run the chained lifecycle")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_lifecycle)
+    p = sub.add_parser("runs", help="list runs")
+    p.add_argument("--stage", choices=STAGES)
+    p.set_defaults(fn=cmd_runs)
+    p = sub.add_parser("show", help="print a run's manifest (or its lineage)")
+    p.add_argument("run")
+    p.add_argument("--lineage", action="store_true", help="walk from this run back to the data")
+    p.set_defaults(fn=cmd_show)
+    p = sub.add_parser("report", help="build the HTML lineage report for a run")
+    p.add_argument("run")
+    p.set_defaults(fn=cmd_report)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

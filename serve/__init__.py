@@ -1,0 +1,1 @@
+"""Ray Serve applications: the OpenAI-compatible vLLM endpoint built on `ray.serve.llm`."""

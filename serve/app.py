@@ -1,0 +1,28 @@
+"""Build the OpenAI-compatible application for a model directory with `ray.serve.llm` (vLLM engine).
+
+The same builder serves a tiny CPU model in tests and a real checkpoint on GPU nodes: only `accelerator` and the
+engine kwargs change. On CPU, vLLM's `gpu_memory_utilization` is the fraction of host memory reserved for the KV
+cache (the default 0.92 fails on small machines, see FACTS.md).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.llm import LLMConfig, build_openai_app
+
+CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}
+
+
+def llm_config(model_path: str, model_id: str, accelerator: str = "cpu", min_replicas: int = 1,
+               max_replicas: int = 1, engine_kwargs: dict[str, Any] | None = None) -> LLMConfig:
+    engine = {**(CPU_ENGINE_DEFAULTS if accelerator == "cpu" else {}), **(engine_kwargs or {})}
+    return LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": model_path},
+        accelerator_config={"kind": accelerator},  # without it Serve asks for a GPU and waits forever on CPU
+        deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}},
+        engine_kwargs=engine,
+    )
+
+
+def build_app(model_path: str, model_id: str, **kwargs):
+    return build_openai_app({"llm_configs": [llm_config(model_path, model_id, **kwargs)]})
