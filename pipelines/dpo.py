@@ -5,6 +5,8 @@ the reference policy is the same weights with adapters disabled, so no second mo
 """
 from __future__ import annotations
 
+from pydantic import field_validator
+
 from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import PREFERENCE_LOSSES
@@ -26,12 +28,15 @@ class Config(StageConfig):
     train_split: str = "tasks_train"
     val_split: str = "tasks_test"
 
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        if v not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown preference loss {v!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
+        return v
+
 
 def body(run, inputs, cfg: Config) -> None:
-    if cfg.loss not in PREFERENCE_LOSSES:
-        from raylm.config import ConfigError
-
-        raise ConfigError(f"unknown key value loss={cfg.loss!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
     model_uri, data = inputs["model"].uri, inputs["dataset"].uri
     train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len, PreferencePairs)
     val = chat_dataset(f"{data}/{cfg.val_split}", model_uri, cfg.train.seq_len, PreferencePairs)

@@ -83,3 +83,8 @@ def test_lifecycle_validates_every_stage_before_starting(tmp_path):
     with pytest.raises(ConfigError, match="skipped"):
         lc.run(cfg, path.parent)
     assert not list(tmp_path.iterdir())  # nothing started
+
+
+def test_unknown_algorithm_is_a_config_error():
+    with pytest.raises(ConfigError, match="'loss'.*choose one of.*dpo"):
+        load_config(recipe("dpo").Config, None, ["loss=ppo_typo"])

@@ -1,0 +1,64 @@
+"""Bad input gets a clear error and loses nothing: malformed records quarantined, wrong parents refused."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from raylm.config import ConfigError, load_config
+from raylm.runs import RunError
+from raylm.stage import execute
+
+pytestmark = pytest.mark.integration
+
+
+def recipe(stage):
+    import importlib
+
+    return importlib.import_module(f"pipelines.{stage}")
+
+
+def test_malformed_jsonl_is_quarantined_and_counts_add_up(ray_cluster, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    good = "The quick brown fox jumps over the lazy dog while the cat watches quietly from the window. " * 3
+    lines = [json.dumps({"id": f"d{i}", "source": "web", "text": f"{good} Document number {i} is unique."})
+             for i in range(20)]
+    lines += [json.dumps({"id": "dup", "source": "web", "text": f"{good} Document number 3 is unique."}),
+              "{broken json", json.dumps(["not", "an", "object"]), json.dumps({"id": "x", "body": "no text"}),
+              json.dumps({"id": "short", "source": "web", "text": "too short"}),
+              json.dumps({"id": "junk", "source": "web", "text": "1234567890 " * 30})]
+    src.write_text("\n".join(lines) + "\n")
+    cfg = load_config(recipe("curate").Config, None, [f"root={tmp_path / 'runs'}", f"source={src}",
+                                                      "tasks.enabled=false", "val_percent=10"])
+    run_id = execute(recipe("curate"), cfg)
+    from raylm.runs import RunStore
+
+    x = RunStore(cfg.root).load(run_id).metrics
+    assert x["docs_in"] == 26 == x["docs_kept"] + x["docs_dropped"] + x["docs_quarantined"]
+    assert x["docs_kept"] == 20 and x["duplicates_removed"] == 1
+    assert x["quarantine_reasons"] == {"malformed:invalid_json": 1, "malformed:not_an_object": 1,
+                                       "malformed:no_text": 1}
+    assert x["drop_reasons"]["min_chars"] == 1 and x["drop_reasons"]["alpha_ratio"] == 1
+
+
+def test_stage_pointed_at_wrong_parent_fails_before_starting(ray_cluster, tmp_path):
+    from raylm.runs import RunStore
+
+    root = tmp_path / "runs"
+    cfg = load_config(recipe("curate").Config, None, [f"root={root}", "sources=[pydoc_topics]",
+                                                      "tasks.enabled=false"])
+    data = execute(recipe("curate"), cfg)
+    sft = load_config(recipe("sft").Config, None, [f"root={root}", f"inputs.model={data}", f"inputs.dataset={data}"])
+    with pytest.raises(RunError, match=r"input 'model' needs a model artifact.*stage curate"):
+        execute(recipe("sft"), sft)
+    with pytest.raises(ConfigError, match="missing input.*inputs.tokenizer"):
+        execute(recipe("pretrain"), load_config(recipe("pretrain").Config, None,
+                                                [f"root={root}", f"inputs.dataset={data}"]))
+    assert [m.stage for m in RunStore(root).list()] == ["curate"]  # nothing half-started
+
+    # the input artifact's files were deleted: the CLI says which, exits 2
+    shutil.rmtree(root / data / "data")
+    proc = subprocess.run([sys.executable, "-m", "pipelines.tokenizer", f"root={root}", f"inputs.dataset={data}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is missing at" in proc.stderr

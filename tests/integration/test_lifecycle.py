@@ -1,0 +1,123 @@
+"""The walking lifecycle on a real local Ray cluster: every stage runs for real and shows its effect.
+
+One lifecycle run (session fixture in conftest) feeds all tests here; each test checks one stage's behaviour.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def manifest(lifecycle, stage):
+    return lifecycle["store"].load(lifecycle["runs"][stage])
+
+
+def test_curate_counts_add_up_and_duplicates_are_gone(lifecycle):
+    import pyarrow.parquet as pq
+
+    m = manifest(lifecycle, "curate")
+    x = m.metrics
+    assert x["docs_in"] == x["docs_kept"] + x["docs_dropped"] + x["docs_quarantined"]
+    assert x["duplicates_removed"] > 0  # the licence texts ship real exact duplicates
+    assert set(x["per_source"]) >= {"pydoc_topics", "stdlib_docstrings", "tasks"}
+    data = m.outputs["dataset"].uri
+    texts = pq.read_table(f"{data}/text_train", columns=["text"]).column("text").to_pylist()
+    texts += pq.read_table(f"{data}/text_val", columns=["text"]).column("text").to_pylist()
+    normalized = [" ".join(t.split()) for t in texts]
+    assert len(normalized) == len(set(normalized))  # no exact duplicate survived
+    excluded = pq.read_table(m.outputs["excluded"].uri).to_pandas()
+    assert len(excluded) == x["docs_dropped"] + x["docs_quarantined"]
+    assert (excluded["drop_reason"] != "").all()
+
+
+def test_tokenizer_records_vocab_and_compression(lifecycle):
+    x = manifest(lifecycle, "tokenizer").metrics
+    assert x["vocab_size"] == 2048
+    assert 0.1 < x["tokens_per_char_val"] < 0.5  # BPE compresses English well below one token per char
+
+
+def test_pretrain_loss_falls_well_below_start(lifecycle):
+    m = manifest(lifecycle, "pretrain")
+    x = m.metrics
+    assert x["final_loss"] < 0.6 * x["initial_loss"]
+    assert x["final_val_loss"] < 0.7 * x["initial_val_loss"]
+    hist = lifecycle["store"].history(m.run_id)
+    lrs = [r["lr"] for r in hist]
+    assert max(lrs) == pytest.approx(m.config["optim"]["lr"], rel=0.3) and lrs[-1] < 0.3 * max(lrs)  # warmup+cosine
+    assert x["devices"].startswith("2x CPU (fsdp2)")
+    model_dir = m.outputs["model"].uri
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(model_dir).model_type == "llama"
+
+
+def test_sft_saves_adapter_and_merged_model_and_improves_tasks(lifecycle):
+    m = manifest(lifecycle, "sft")
+    assert {"model", "adapter"} <= set(m.outputs)
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(m.outputs["adapter"].uri).r == m.config["lora"]["rank"]
+    assert m.metrics["final_val_loss"] < m.metrics["initial_val_loss"]
+    ev = manifest(lifecycle, "evaluate").metrics["models"]
+    pre, sft = ev[lifecycle["runs"]["pretrain"]], ev[lifecycle["runs"]["sft"]]
+    assert sft["exact_match"] > pre["exact_match"] + 0.2
+
+
+def test_dpo_improves_preference_over_sft(lifecycle):
+    m = manifest(lifecycle, "dpo")
+    assert m.metrics["final_reward_margin"] > 0 and m.metrics["val_reward_accuracy"] > 0.5
+    ev = manifest(lifecycle, "evaluate").metrics["models"]
+    sft, dpo = ev[lifecycle["runs"]["sft"]], ev[lifecycle["runs"]["dpo"]]
+    assert dpo["preference_accuracy"] > sft["preference_accuracy"]
+    assert dpo["exact_match"] >= sft["exact_match"] - 0.05  # alignment did not wreck the task skill
+
+
+def test_evaluate_scores_every_checkpoint_of_the_lineage(lifecycle):
+    x = manifest(lifecycle, "evaluate").metrics
+    assert [m["stage"] for m in x["models"].values()] == ["pretrain", "sft", "dpo"]
+    assert all(m["perplexity"] > 1 for m in x["models"].values())
+    assert [d["to"] for d in x["deltas"]] == ["sft", "dpo"]
+
+
+def test_serve_answered_completion_and_chat_and_rejected_bad_request(lifecycle):
+    x = manifest(lifecycle, "serve").metrics
+    assert x["completion_usage"]["completion_tokens"] > 0 and x["chat_usage"]["completion_tokens"] > 0
+    assert 400 <= x["bad_request_status"] < 500 and x["status_after_bad_request"] == 200
+
+
+def test_report_shows_every_stage_with_curves(lifecycle):
+    m = manifest(lifecycle, "report")
+    page = open(m.metrics["index"]).read()
+    for heading in ("Overview", "Data (curate)", "Tokenizer", "Architecture and pre-training",
+                    "Supervised fine-tuning", "Preference alignment", "Evaluation", "Serving", "Environment"):
+        assert heading in page, heading
+    assert page.count("data:image/png;base64,") >= 4  # pretrain, sft, dpo curves + radar
+    assert set(m.metrics["stages"]) == {"curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve"}
+
+
+def test_lineage_walks_from_final_model_to_data(lifecycle):
+    store, runs = lifecycle["store"], lifecycle["runs"]
+    chain = [m.stage for m in store.lineage(runs["dpo"])]
+    assert chain == ["curate", "tokenizer", "pretrain", "sft", "dpo"]
+    dpo = store.load(runs["dpo"])
+    assert dpo.parent == runs["sft"] and all(len(i.sha256) == 64 for i in dpo.inputs)
+    assert dpo.environment["packages"]["ray"] == "2.60.0"
+
+
+def test_cli_lists_and_shows_runs(lifecycle):
+    root = str(lifecycle["store"].root)
+    out = subprocess.run([sys.executable, "-m", "raylm.cli", "--root", root, "runs"], capture_output=True,
+                         text=True, check=True).stdout
+    assert all(rid in out for rid in lifecycle["runs"].values())
+    shown = subprocess.run([sys.executable, "-m", "raylm.cli", "--root", root, "show", lifecycle["runs"]["sft"]],
+                           capture_output=True, text=True, check=True).stdout
+    assert json.loads(shown)["stage"] == "sft"
+    walk = subprocess.run([sys.executable, "-m", "raylm.cli", "--root", root, "show", "--lineage",
+                           lifecycle["runs"]["dpo"]], capture_output=True, text=True, check=True).stdout
+    assert walk.splitlines()[0].startswith("curate") and walk.splitlines()[-1].startswith("dpo")
+    bad = subprocess.run([sys.executable, "-m", "raylm.cli", "--root", root, "show", "no-such-run"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "no run 'no-such-run'" in bad.stderr
