@@ -218,7 +218,8 @@ def section_sft(m: Manifest, store: RunStore) -> str:
     schedule, setup, fig = _training(m, store, "sft")
     lora = m.config.get("lora")
     method = ({"method": "LoRA (PEFT)", "rank": lora["rank"], "alpha": lora["alpha"], "dropout": lora["dropout"],
-               "target_modules": lora["target_modules"], "merge": "merged into the base weights for export"}
+               "target_modules": lora["target_modules"],
+               "fully trained modules": lora.get("modules_to_save") or "none", "merge": "merged into the base weights for export"}
               if lora else {"method": "full fine-tuning"})
     data = pick(x, "examples", "epochs", "trainable_params", "params", "adapter_params")
     result = pick(x, "initial_loss", "final_loss", "initial_val_loss", "final_val_loss")

@@ -76,6 +76,10 @@ class LoraSpec(Section):
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # Modules trained in full next to the adapters (PEFT `modules_to_save`). Needed when the chat template brings
+    # tokens the base model never saw (ChatML markers on a freshly pre-trained model): their embedding and output
+    # rows are random, and low-rank updates of the other layers cannot fix that.
+    modules_to_save: list[str] = []
 
 
 class TrainSpec(Section):

@@ -32,9 +32,14 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (GPT-2/Llama-3 style) trained on `texts`."""
+    """Byte-level BPE (GPT-2/Llama-3 style) trained on `texts`.
+
+    Numbers are split into single digits before BPE, as Llama and Qwen2.5 do: merges like "19" or "437" would
+    give each number an arbitrary token, which makes arithmetic and comparison much harder to learn.
+    """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,

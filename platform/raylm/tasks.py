@@ -37,10 +37,11 @@ def make_tasks(texts: list[str], seed: int = 0, per_family: int = 150, test_perc
         out.append(dict(id=f"{family}-{len(out)}", family=family, prompt=prompt, answer=str(answer),
                         wrong=str(wrong), split=split))
 
-    pairs = [(a, b) for a in range(10) for b in range(10)]
+    # Ranges wide enough that the held-out prompts are new combinations of familiar pieces.
+    pairs = [(a, b) for a in range(20) for b in range(10)]
     for a, b in rng.sample(pairs, min(per_family, len(pairs))):
         add("add", f"What is {a} plus {b}?", a + b, a + b + rng.choice([-2, -1, 1, 2]))
-    for n in rng.sample(range(100), min(per_family, 100)):
+    for n in rng.sample(range(1000), min(per_family, 1000)):
         add("parity", f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd", "odd" if n % 2 == 0 else "even")
     for _ in range(per_family):
         a, b = rng.sample(range(100), 2)
@@ -49,7 +50,7 @@ def make_tasks(texts: list[str], seed: int = 0, per_family: int = 150, test_perc
     for w in words:
         other = rng.choice([x for x in words if x != w])
         add("repeat", f"Repeat the word: {w}", w, other)
-    for n in rng.sample(range(99), min(per_family, 99)):
+    for n in rng.sample(range(999), min(per_family, 999)):
         add("next", f"What number comes after {n}?", n + 1, n + rng.choice([-1, 2]))
     # dedupe prompts (random pairs can repeat) keeping the first
     seen, unique = set(), []

@@ -30,7 +30,8 @@ def make_model(job: dict, tokenizer):
 
         lora = LoraSpec(**job["lora"])
         model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                                                 modules_to_save=lora.modules_to_save or None))
     return model
 
 
@@ -167,7 +168,9 @@ def train_loop_per_worker(job: dict) -> None:
     tokens_per_step = tc["batch_size"] * world * tc["seq_len"]
 
     history: list[dict] = []
+    window: dict[str, torch.Tensor] = {}  # metric sums since the last logged step (logged values are means)
     t_start = t_last = time.time()
+    last_logged = -1
     for step in range(tc["max_steps"]):
         lr = oc["lr"] * lr_multiplier(step, tc["max_steps"], oc["warmup_steps"], oc["schedule"], oc["min_lr_ratio"])
         for g in opt.param_groups:
@@ -179,16 +182,20 @@ def train_loop_per_worker(job: dict) -> None:
             grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        for k, v in {**metrics, "grad_norm": grad_norm}.items():
+            window[k] = window.get(k, torch.zeros(())) + v.detach().float().reshape(())
         last = step == tc["max_steps"] - 1
-        if step % tc["log_every"] == 0 or last:
-            row = {"step": step + 1, "lr": lr, **_mean_across_workers({**metrics, "grad_norm": grad_norm})}
+        do_eval = val_shard is not None and ((step + 1) % tc["eval_every"] == 0 or last or step == 0)
+        if step % tc["log_every"] == 0 or last or do_eval:
+            n = step - last_logged
+            row = {"step": step + 1, "lr": lr, **_mean_across_workers({k: v / n for k, v in window.items()})}
             now = time.time()
             row["tokens_seen"] = (step + 1) * tokens_per_step
-            row["tokens_per_s"] = round(tokens_per_step * (tc["log_every"] if step else 1) / max(now - t_last, 1e-9))
-            t_last = now
-            if val_shard is not None and ((step + 1) % tc["eval_every"] == 0 or last or step == 0):
+            row["tokens_per_s"] = round(tokens_per_step * n / max(now - t_last, 1e-9))
+            if do_eval:
                 row.update(evaluate(model, val_shard, job, tc["batch_size"]))
             history.append(row)
+            window, last_logged, t_last = {}, step, time.time()
             if rank == 0:
                 print(json.dumps(row), flush=True)
     train_s = time.time() - t_start
