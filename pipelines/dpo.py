@@ -21,6 +21,7 @@ class Config(StageConfig):
     loss: str = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0  # weight of the chosen answer's NLL added to the preference loss (RPO)
     lora: LoraSpec | None = LoraSpec()
     optim: OptimSpec = OptimSpec(lr=1e-3, warmup_steps=10)
     train: TrainSpec = TrainSpec(max_steps=80, batch_size=16, seq_len=48, eval_every=20)
@@ -38,9 +39,11 @@ class Config(StageConfig):
 
 def body(run, inputs, cfg: Config) -> None:
     model_uri, data = inputs["model"].uri, inputs["dataset"].uri
-    train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len, PreferencePairs)
+    train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len, PreferencePairs,
+                         seed=cfg.train.seed)
     val = chat_dataset(f"{data}/{cfg.val_split}", model_uri, cfg.train.seq_len, PreferencePairs)
     job = {"objective": "preference", "loss": cfg.loss, "beta": cfg.beta, "label_smoothing": cfg.label_smoothing,
+           "rpo_alpha": cfg.rpo_alpha,
            "tokenizer_path": model_uri, "model": {"path": model_uri, "preset": None},
            "lora": cfg.lora.model_dump() if cfg.lora else None,
            "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
@@ -52,7 +55,8 @@ def body(run, inputs, cfg: Config) -> None:
     run.log_history(out["history"])
     first, last = out["history"][0], out["history"][-1]
     run.log_metrics({
-        "algorithm": cfg.loss, "beta": cfg.beta, "pairs": train.count(),
+        "algorithm": cfg.loss + (f" + {cfg.rpo_alpha} x NLL(chosen) (RPO)" if cfg.rpo_alpha else ""),
+        "beta": cfg.beta, "rpo_alpha": cfg.rpo_alpha, "pairs": train.count(),
         "reference": "policy with LoRA adapters disabled" if cfg.lora else "frozen copy of the input model",
         "initial_loss": first["loss"], "final_loss": last["loss"],
         "final_reward_margin": last.get("reward_margin"), "final_reward_accuracy": last.get("reward_accuracy"),

@@ -24,16 +24,19 @@ class Config(StageConfig):
     resources: ResourcesSpec = ResourcesSpec()
 
 
-def packed(uri: str, tok_path: str, seq_len: int):
-    return ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len),
-                                                  concurrency=1, batch_size=256, batch_format="pandas").materialize()
+def packed(uri: str, tok_path: str, seq_len: int, seed: int):
+    return (ray.data.read_parquet(uri)
+            .map_batches(PackText, fn_constructor_args=(tok_path, seq_len), concurrency=1, batch_size=256,
+                         batch_format="pandas")
+            .random_shuffle(seed=seed)  # curated text arrives grouped by source
+            .materialize())
 
 
 def body(run, inputs, cfg: Config) -> None:
     data, tok_path = inputs["dataset"].uri, inputs["tokenizer"].uri
     with run.time("tokenize_s"):
-        train, val = packed(f"{data}/text_train", tok_path, cfg.train.seq_len), \
-            packed(f"{data}/text_val", tok_path, cfg.train.seq_len)
+        train = packed(f"{data}/text_train", tok_path, cfg.train.seq_len, cfg.train.seed)
+        val = packed(f"{data}/text_val", tok_path, cfg.train.seq_len, cfg.train.seed)
     job = {"objective": "lm", "loss": "causal_lm", "tokenizer_path": tok_path,
            "model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
     with run.time("train_s"):

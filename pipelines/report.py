@@ -234,13 +234,18 @@ def section_preference(m: Manifest, store: RunStore) -> str:
     schedule, setup, fig = _training(m, store, m.stage)
     algo = m.config.get("loss", "dpo")
     info = {"algorithm": algo, "beta (KL strength)": m.config.get("beta"),
-            "label_smoothing": m.config.get("label_smoothing"), "reference": x.get("reference"),
+            "label_smoothing": m.config.get("label_smoothing"), "rpo_alpha": m.config.get("rpo_alpha"),
+            "reference": x.get("reference"),
             "reward model": "none: implicit reward r = beta * log(pi/pi_ref)", "value network": "none",
             "preference pairs": x.get("pairs"), "pair source": "task answer (chosen) vs plausible wrong answer"}
     result = pick(x, "initial_loss", "final_loss", "final_reward_margin", "final_reward_accuracy",
                   "val_reward_accuracy", "val_reward_margin")
+    formula = LOSS_FORMULAS.get(algo, algo)
+    if m.config.get("rpo_alpha"):
+        formula += (f" + {m.config['rpo_alpha']} &middot; (-(1/|y<sub>w</sub>|) log &pi;<sub>&theta;</sub>(y<sub>w</sub>|x))"
+                    " (RPO: NLL of the chosen answer)")
     return (f"<h2>6. Preference alignment ({html.escape(algo)})</h2>{run_header(m)}{kv_table(info)}"
-            f"<h3>Loss</h3><p>{LOSS_FORMULAS.get(algo, algo)}</p><h3>Training</h3>{kv_table({**setup, **schedule})}"
+            f"<h3>Loss</h3><p>{formula}</p><h3>Training</h3>{kv_table({**setup, **schedule})}"
             f"<h3>Result</h3>{kv_table(result)}{fig}")
 
 

@@ -24,9 +24,12 @@ class Config(StageConfig):
     val_split: str = "tasks_test"
 
 
-def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples):
-    return ray.data.read_parquet(uri).map_batches(op, fn_constructor_args=(tok_path, max_len), concurrency=1,
-                                                  batch_format="pandas").materialize()
+def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples, seed: int = 0):
+    """Tokenized, globally shuffled examples (tasks arrive grouped by family)."""
+    return (ray.data.read_parquet(uri)
+            .map_batches(op, fn_constructor_args=(tok_path, max_len), concurrency=1, batch_format="pandas")
+            .random_shuffle(seed=seed)
+            .materialize())
 
 
 def lora_meta(cfg) -> dict:
@@ -35,7 +38,7 @@ def lora_meta(cfg) -> dict:
 
 def body(run, inputs, cfg: Config) -> None:
     model_uri, data = inputs["model"].uri, inputs["dataset"].uri
-    train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len)
+    train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len, seed=cfg.train.seed)
     val = chat_dataset(f"{data}/{cfg.val_split}", model_uri, cfg.train.seq_len)
     job = {"objective": "lm", "loss": "sft", "tokenizer_path": model_uri,
            "model": {"path": model_uri, "preset": None}, "lora": cfg.lora.model_dump() if cfg.lora else None,

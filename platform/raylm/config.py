@@ -89,6 +89,7 @@ class TrainSpec(Section):
     eval_every: int = 20
     log_every: int = 5
     seed: int = 0
+    shuffle_buffer: int = 1024  # rows reshuffled locally each epoch (0 = data order)
 
 
 class StageConfig(Section):

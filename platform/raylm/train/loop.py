@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.config import LoraSpec, ModelSpec
-from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, causal_lm, sequence_logps
+from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, token_logps
 from raylm.models import build_model, load_tokenizer, param_count
 from raylm.train.schedules import lr_multiplier
 
@@ -85,13 +85,15 @@ def lm_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
     return loss, {"loss": loss.detach()}
 
 
-def _pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs of chosen (B,) and rejected (B,), and the chosen answers' token counts (B,)."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logps = sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+    logps, label_mask = token_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
     n = batch["chosen_input_ids"].shape[0]
-    return logps[:n], logps[n:]
+    sums = logps.sum(-1)
+    return sums[:n], sums[n:], label_mask[:n].sum(-1).clamp(min=1)
 
 
 def preference_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
@@ -100,12 +102,16 @@ def preference_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
     with torch.no_grad():
         ctx = unwrap(model).disable_adapter() if job.get("lora") else nullcontext()
         with ctx:
-            ref_c, ref_r = _pair_logps(model if job.get("lora") else job["_ref_model"], batch)
-    pi_c, pi_r = _pair_logps(model, batch)
+            ref_c, ref_r, _ = _pair_logps(model if job.get("lora") else job["_ref_model"], batch)
+    pi_c, pi_r, n_c = _pair_logps(model, batch)
     losses, r_c, r_r = PREFERENCE_LOSSES[job["loss"]](pi_c, pi_r, ref_c, ref_r, beta=job["beta"],
                                                       label_smoothing=job.get("label_smoothing", 0.0))
-    loss = losses.mean()
-    return loss, {"loss": loss.detach(), "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(),
+    # RPO (Pang et al., 2024; TRL's `rpo_alpha`): + alpha * per-token NLL of the chosen answer. Without it the
+    # preference loss can lower both answers' likelihood and greedy decoding degenerates (seen on the demo).
+    nll_chosen = -(pi_c / n_c).mean()
+    loss = losses.mean() + job.get("rpo_alpha", 0.0) * nll_chosen
+    return loss, {"loss": loss.detach(), "preference_loss": losses.mean().detach(), "nll_chosen": nll_chosen.detach(),
+                  "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(),
                   "reward_margin": (r_c - r_r).mean(), "reward_accuracy": (r_c > r_r).float().mean(),
                   "logp_chosen": pi_c.detach().mean()}
 
@@ -123,10 +129,17 @@ def _mean_across_workers(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t)}
 
 
-def _batches(shard, batch_size: int):
-    while True:  # epochs until max_steps
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+def _batches(shard, batch_size: int, shuffle_buffer: int, seed: int):
+    """Endless batches, epoch after epoch, reshuffled within a local buffer each epoch (the stages also shuffle
+    globally once: curated data arrives grouped by source or task family, and unshuffled training would learn
+    one group after the other and forget the earlier ones)."""
+    epoch = 0
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=shuffle_buffer or None,
+                                              local_shuffle_seed=seed + epoch if shuffle_buffer else None):
             yield batch
+        epoch += 1
 
 
 @torch.no_grad()
@@ -162,7 +175,8 @@ def train_loop_per_worker(job: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=oc["lr"], betas=tuple(oc["betas"]), weight_decay=oc["weight_decay"])
     step_fn = OBJECTIVES[job["objective"]]
-    train_it = _batches(ray.train.get_dataset_shard("train"), tc["batch_size"])
+    train_it = _batches(ray.train.get_dataset_shard("train"), tc["batch_size"], tc["shuffle_buffer"],
+                        tc["seed"] + 1000 * rank)
     val_shard = ray.train.get_dataset_shard("val") if job.get("has_val") else None
     world = ctx.get_world_size()
     tokens_per_step = tc["batch_size"] * world * tc["seq_len"]
