@@ -6,6 +6,8 @@ exported at the end.
 """
 from __future__ import annotations
 
+import math
+
 import ray
 
 from raylm.config import ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
@@ -57,7 +59,7 @@ def body(run, inputs, cfg: Config) -> None:
         "total_flops": flops_per_token(model.config, cfg.train.seq_len) * last["tokens_seen"],
         "initial_loss": first["loss"], "final_loss": last["loss"],
         "initial_val_loss": first.get("val_loss"), "final_val_loss": last.get("val_loss"),
-        "final_val_ppl": round(float(__import__("math").exp(last["val_loss"])), 3) if "val_loss" in last else None,
+        "final_val_ppl": round(math.exp(last["val_loss"]), 3) if "val_loss" in last else None,
         "train_s": out["metrics"].get("train_s"), "mean_tokens_per_s": round(
             last["tokens_seen"] / max(out["metrics"].get("train_s", 1), 1e-9)),
         "devices": f"{cfg.resources.num_workers}x {'GPU' if cfg.resources.use_gpu else 'CPU'} "
