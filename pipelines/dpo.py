@@ -11,7 +11,7 @@ from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainS
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import PREFERENCE_LOSSES
 from raylm.train.launch import fit
-from pipelines.sft import chat_dataset, lora_meta
+from pipelines.sft import chat_dataset, save_outputs
 
 STAGE = "dpo"
 INPUTS = {"model": ("model",), "dataset": ("dataset",)}
@@ -49,10 +49,7 @@ def body(run, inputs, cfg: Config) -> None:
            "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
     with run.time("train_s"):
         out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
-    run.add_artifact("model", "model", f"{out['checkpoint']}/model", meta={"merged_from_lora": bool(cfg.lora)})
-    if cfg.lora:
-        run.add_artifact("adapter", "adapter", f"{out['checkpoint']}/adapter", meta=lora_meta(cfg))
-    run.log_history(out["history"])
+    save_outputs(run, out, cfg)
     first, last = out["history"][0], out["history"][-1]
     run.log_metrics({
         "algorithm": cfg.loss + (f" + {cfg.rpo_alpha} x NLL(chosen) (RPO)" if cfg.rpo_alpha else ""),

@@ -36,6 +36,14 @@ def lora_meta(cfg) -> dict:
     return cfg.lora.model_dump() if cfg.lora else {"full_finetune": True}
 
 
+def save_outputs(run, out: dict, cfg) -> None:
+    """The merged model (what later stages and serving load), the LoRA adapter if any, and the curves."""
+    run.add_artifact("model", "model", f"{out['checkpoint']}/model", meta={"merged_from_lora": bool(cfg.lora)})
+    if cfg.lora:
+        run.add_artifact("adapter", "adapter", f"{out['checkpoint']}/adapter", meta=lora_meta(cfg))
+    run.log_history(out["history"])
+
+
 def body(run, inputs, cfg: Config) -> None:
     model_uri, data = inputs["model"].uri, inputs["dataset"].uri
     train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len, seed=cfg.train.seed)
@@ -45,10 +53,7 @@ def body(run, inputs, cfg: Config) -> None:
            "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
     with run.time("train_s"):
         out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
-    run.add_artifact("model", "model", f"{out['checkpoint']}/model", meta={"merged_from_lora": bool(cfg.lora)})
-    if cfg.lora:
-        run.add_artifact("adapter", "adapter", f"{out['checkpoint']}/adapter", meta=lora_meta(cfg))
-    run.log_history(out["history"])
+    save_outputs(run, out, cfg)
     first, last = out["history"][0], out["history"][-1]
     n_train = train.count()
     run.log_metrics({
