@@ -27,6 +27,7 @@ class Config(StageConfig):
     seq_len: int = 128
     max_new_tokens: int = 8
     examples: int = 8
+    num_gpus: float = 0  # per checkpoint being scored; >0 on GPU clusters (the model then runs on CUDA)
 
 
 @ray.remote(num_cpus=1)
@@ -37,7 +38,8 @@ def score(model_uri: str, data_uri: str, cfg: dict) -> dict:
     from raylm.models import load_model, load_tokenizer
 
     torch.set_num_threads(1)
-    model, tok = load_model(model_uri).eval(), load_tokenizer(model_uri)
+    device = "cuda" if cfg["num_gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    model, tok = load_model(model_uri).to(device).eval(), load_tokenizer(model_uri)
     texts = pq.read_table(f"{data_uri}/text_val", columns=["text"]).column("text").to_pylist()
     rows = pq.read_table(f"{data_uri}/tasks_test").to_pylist()[: cfg["max_tasks"]]
     ppl = E.perplexity(model, tok, texts, cfg["seq_len"], cfg["max_text_blocks"])
@@ -64,7 +66,8 @@ def body(run, inputs, cfg: Config) -> None:
     data = inputs["dataset"].uri
     models = checkpoints(run.store, inputs["model"].run_id, cfg.lineage)
     with run.time("score_s"):
-        results = ray.get([score.remote(uri, data, cfg.model_dump()) for _, _, uri in models])
+        scorer = score.options(num_gpus=cfg.num_gpus) if cfg.num_gpus else score
+        results = ray.get([scorer.remote(uri, data, cfg.model_dump()) for _, _, uri in models])
     rows = pq.read_table(f"{data}/tasks_test").to_pylist()[: cfg.max_tasks]
     per_model, examples = {}, []
     for (rid, stage, _), res in zip(models, results):

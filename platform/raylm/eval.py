@@ -24,7 +24,7 @@ def perplexity(model, tok, texts: list[str], seq_len: int = 128, max_blocks: int
     blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
     nll, count = 0.0, 0
     for i in range(0, n, batch_size):
-        b = blocks[i: i + batch_size]
+        b = blocks[i: i + batch_size].to(model.device)
         logits = model(input_ids=b).logits[:, :-1].float()
         nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
         count += b[:, 1:].numel()
@@ -42,7 +42,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 8, batch_size
     for i in range(0, len(prompts), batch_size):
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          tokenize=False) for p in prompts[i: i + batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                              pad_token_id=tok.pad_token_id)
         outs.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
@@ -71,7 +71,8 @@ def preference_accuracy(model, tok, task_rows: list[dict], max_len: int = 48) ->
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, (s, lab) in enumerate(seqs):
             ids[i, : len(s)], labels[i, : len(lab)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(lab), 1
-        return sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+        ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
+        return sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels).cpu()
 
     good = logps([t["answer"] for t in task_rows])
     bad = logps([t["wrong"] for t in task_rows])

@@ -10,29 +10,16 @@ import json
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from raylm.config import LoraSpec, ModelSpec
-from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, token_logps
-from raylm.models import build_model, load_tokenizer, param_count
+from raylm.models import load_tokenizer, param_count
 from raylm.train.schedules import lr_multiplier
+from raylm.train.steps import OBJECTIVES, make_model, unwrap
 
-
-# ---------------------------------------------------------------- model setup
-def make_model(job: dict, tokenizer):
-    model = build_model(ModelSpec(**job["model"]), tokenizer, seed=job["train"]["seed"])
-    if job.get("lora"):
-        from peft import LoraConfig, get_peft_model  # PEFT's LoRA, not a hand-rolled one
-
-        lora = LoraSpec(**job["lora"])
-        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM",
-                                                 modules_to_save=lora.modules_to_save or None))
-    return model
 
 
 def wrap(model, strategy: str):
@@ -47,10 +34,6 @@ def wrap(model, strategy: str):
                 fully_shard(module)
         return fully_shard(model)
     return torch.nn.parallel.DistributedDataParallel(model)
-
-
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def full_state_dict(model, strategy: str) -> dict:
@@ -78,53 +61,15 @@ def export(job: dict, state: dict, tokenizer, out_dir: str) -> dict:
     return info
 
 
-# ---------------------------------------------------------------- objectives
-def lm_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    loss = LM_LOSSES[job["loss"]](logits, batch["labels"])
-    return loss, {"loss": loss.detach()}
-
-
-def _pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs of chosen (B,) and rejected (B,), and the chosen answers' token counts (B,)."""
-    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logps, label_mask = token_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
-    n = batch["chosen_input_ids"].shape[0]
-    sums = logps.sum(-1)
-    return sums[:n], sums[n:], label_mask[:n].sum(-1).clamp(min=1)
-
-
-def preference_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
-    """Policy vs reference log-probs. With LoRA the reference is the same weights with adapters disabled
-    (TRL's trick for PEFT models: no second model in memory)."""
-    with torch.no_grad():
-        ctx = unwrap(model).disable_adapter() if job.get("lora") else nullcontext()
-        with ctx:
-            ref_c, ref_r, _ = _pair_logps(model if job.get("lora") else job["_ref_model"], batch)
-    pi_c, pi_r, n_c = _pair_logps(model, batch)
-    losses, r_c, r_r = PREFERENCE_LOSSES[job["loss"]](pi_c, pi_r, ref_c, ref_r, beta=job["beta"],
-                                                      label_smoothing=job.get("label_smoothing", 0.0))
-    # RPO (Pang et al., 2024; TRL's `rpo_alpha`): + alpha * per-token NLL of the chosen answer. Without it the
-    # preference loss can lower both answers' likelihood and greedy decoding degenerates (seen on the demo).
-    nll_chosen = -(pi_c / n_c).mean()
-    loss = losses.mean() + job.get("rpo_alpha", 0.0) * nll_chosen
-    return loss, {"loss": loss.detach(), "preference_loss": losses.mean().detach(), "nll_chosen": nll_chosen.detach(),
-                  "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(),
-                  "reward_margin": (r_c - r_r).mean(), "reward_accuracy": (r_c > r_r).float().mean(),
-                  "logp_chosen": pi_c.detach().mean()}
-
-
-OBJECTIVES = {"lm": lm_step, "preference": preference_step}
-
-
 # ---------------------------------------------------------------- helpers
 def _mean_across_workers(values: dict[str, torch.Tensor]) -> dict[str, float]:
     keys = sorted(values)
-    t = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    t = torch.stack([values[k].detach().float().reshape(()).cpu() for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            t = t.to(ray.train.torch.get_device())
         dist.all_reduce(t)
+        t = t.cpu()
         t /= dist.get_world_size()
     return {k: float(v) for k, v in zip(keys, t)}
 
@@ -150,7 +95,7 @@ def evaluate(model, shard, job: dict, batch_size: int) -> dict[str, float]:
     for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
         _, metrics = OBJECTIVES[job["objective"]](model, batch, job)
         for k, v in metrics.items():
-            sums[k] = sums.get(k, torch.zeros(())) + v.float()
+            sums[k] = sums.get(k, torch.zeros(())) + v.detach().float().cpu()
         n += 1
     model.train()
     if not sums:
@@ -166,10 +111,11 @@ def train_loop_per_worker(job: dict) -> None:
     tc, oc = job["train"], job["optim"]
     torch.manual_seed(tc["seed"])
     tokenizer = load_tokenizer(job["tokenizer_path"])
-    model = make_model(job, tokenizer)
+    device = ray.train.torch.get_device()  # batches arrive there too (iter_torch_batches' device="auto")
+    model = make_model(job, tokenizer).to(device)
     n_params, n_trainable = param_count(model), param_count(model, trainable_only=True)
     if job["objective"] == "preference" and not job.get("lora"):
-        job["_ref_model"] = make_model(job, tokenizer).eval().requires_grad_(False)
+        job["_ref_model"] = make_model(job, tokenizer).to(device).eval().requires_grad_(False)
     model = wrap(model, job["strategy"])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +143,7 @@ def train_loop_per_worker(job: dict) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         for k, v in {**metrics, "grad_norm": grad_norm}.items():
-            window[k] = window.get(k, torch.zeros(())) + v.detach().float().reshape(())
+            window[k] = window.get(k, torch.zeros(())) + v.detach().float().reshape(()).cpu()
         last = step == tc["max_steps"] - 1
         do_eval = val_shard is not None and ((step + 1) % tc["eval_every"] == 0 or last or step == 0)
         if step % tc["log_every"] == 0 or last or do_eval:

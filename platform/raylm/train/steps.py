@@ -1,0 +1,73 @@
+"""What a training step computes, for each objective: pure model -> (loss, metrics) functions, no Ray.
+
+`lm` (pre-training, SFT) and `preference` (the DPO family). The Ray Train loop in `loop.py` calls these; the GPU
+tests call them directly on CUDA.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from raylm.config import LoraSpec, ModelSpec
+from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, token_logps
+from raylm.models import build_model
+
+
+# ---------------------------------------------------------------- model setup
+def make_model(job: dict, tokenizer):
+    model = build_model(ModelSpec(**job["model"]), tokenizer, seed=job["train"]["seed"])
+    if job.get("lora"):
+        from peft import LoraConfig, get_peft_model  # PEFT's LoRA, not a hand-rolled one
+
+        lora = LoraSpec(**job["lora"])
+        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                                                 modules_to_save=lora.modules_to_save or None))
+    return model
+
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------- objectives
+def lm_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    loss = LM_LOSSES[job["loss"]](logits, batch["labels"])
+    return loss, {"loss": loss.detach()}
+
+
+def _pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs of chosen (B,) and rejected (B,), and the chosen answers' token counts (B,)."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    logps, label_mask = token_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+    n = batch["chosen_input_ids"].shape[0]
+    sums = logps.sum(-1)
+    return sums[:n], sums[n:], label_mask[:n].sum(-1).clamp(min=1)
+
+
+def preference_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
+    """Policy vs reference log-probs. With LoRA the reference is the same weights with adapters disabled
+    (TRL's trick for PEFT models: no second model in memory)."""
+    with torch.no_grad():
+        ctx = unwrap(model).disable_adapter() if job.get("lora") else nullcontext()
+        with ctx:
+            ref_c, ref_r, _ = _pair_logps(model if job.get("lora") else job["_ref_model"], batch)
+    pi_c, pi_r, n_c = _pair_logps(model, batch)
+    losses, r_c, r_r = PREFERENCE_LOSSES[job["loss"]](pi_c, pi_r, ref_c, ref_r, beta=job["beta"],
+                                                      label_smoothing=job.get("label_smoothing", 0.0))
+    # RPO (Pang et al., 2024; TRL's `rpo_alpha`): + alpha * per-token NLL of the chosen answer. Without it the
+    # preference loss can lower both answers' likelihood and greedy decoding degenerates (seen on the demo).
+    nll_chosen = -(pi_c / n_c).mean()
+    loss = losses.mean() + job.get("rpo_alpha", 0.0) * nll_chosen
+    return loss, {"loss": loss.detach(), "preference_loss": losses.mean().detach(), "nll_chosen": nll_chosen.detach(),
+                  "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(),
+                  "reward_margin": (r_c - r_r).mean(), "reward_accuracy": (r_c > r_r).float().mean(),
+                  "logp_chosen": pi_c.detach().mean()}
+
+
+OBJECTIVES = {"lm": lm_step, "preference": preference_step}
