@@ -89,7 +89,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    ap = parser()
+    # `raylm run sft --config X k=v`: argparse ends a subcommand's `nargs="*"` positional at the first option,
+    # so overrides after `--config` come back unparsed; they are overrides all the same.
+    args, extra = ap.parse_known_args(argv)
+    bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.fn(args)
     except (ConfigError, RunError) as exc:

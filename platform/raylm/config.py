@@ -176,7 +176,8 @@ def _explain(cls: type[BaseModel], err: ValidationError, origin: str) -> str:
         else:
             msg = f"bad value for {key!r}: {e['msg']} (got {e.get('input')!r})"
         lines.append(msg)
-    return f"invalid {cls.__name__} from {origin}:\n  " + "\n  ".join(lines)
+    what = f"{cls.__module__.rsplit('.', 1)[-1]} config" if cls.__name__ == "Config" else cls.__name__
+    return f"invalid {what} from {origin}:\n  " + "\n  ".join(lines)
 
 
 def load_config(cls: Type[T], source: str | Path | dict | None = None, overrides=()) -> T:

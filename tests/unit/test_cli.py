@@ -1,0 +1,27 @@
+"""The `raylm` entry point: overrides anywhere after the stage, clear errors with exit code 2, nothing started."""
+import subprocess
+import sys
+
+
+def raylm(*args, root):
+    return subprocess.run([sys.executable, "-m", "raylm.cli", "--root", str(root), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_overrides_after_config_are_applied(tmp_path):
+    proc = raylm("run", "sft", "--config", "pipelines/configs/sft/tiny.yaml", "inputs.model=nope",
+                 "inputs.dataset=nope", root=tmp_path)
+    assert proc.returncode == 2 and "no run 'nope'" in proc.stderr  # the overrides reached input resolution
+
+
+def test_bad_key_and_bad_flag(tmp_path):
+    proc = raylm("run", "pretrain", "optim.lrr=1", root=tmp_path)
+    assert proc.returncode == 2 and "invalid pretrain config" in proc.stderr and "did you mean 'optim.lr'" in proc.stderr
+    proc = raylm("run", "pretrain", "--bogus", root=tmp_path)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+    assert not list(tmp_path.iterdir())  # no run directory was written
+
+
+def test_runs_on_empty_store(tmp_path):
+    proc = raylm("runs", root=tmp_path)
+    assert proc.returncode == 0 and "no runs" in proc.stdout
