@@ -15,6 +15,8 @@ import time
 
 import pandas as pd
 
+from raylm.data.tokenize import PACK_BATCH_ROWS  # the batch size the pretrain stage packs with
+
 
 def corpus(repeat: int) -> pd.DataFrame:
     from types import SimpleNamespace
@@ -40,7 +42,7 @@ def anchor(df: pd.DataFrame, tok_dir: str, seq_len: int, procs: int) -> tuple[in
         return {"input_ids": [ids[k * seq_len:(k + 1) * seq_len] for k in range(n)]}
 
     t0 = time.perf_counter()
-    ds = datasets.Dataset.from_pandas(df).map(group_texts, batched=True, batch_size=256, num_proc=procs,
+    ds = datasets.Dataset.from_pandas(df).map(group_texts, batched=True, batch_size=PACK_BATCH_ROWS, num_proc=procs,
                                               remove_columns=["text"])
     return len(ds), time.perf_counter() - t0
 
@@ -52,7 +54,7 @@ def ours(df: pd.DataFrame, tok_dir: str, seq_len: int, procs: int) -> tuple[int,
 
     t0 = time.perf_counter()
     ds = ray.data.from_pandas(df).map_batches(PackText, fn_constructor_args=(tok_dir, seq_len), concurrency=procs,
-                                              batch_size=256, batch_format="pandas").materialize()
+                                              batch_size=PACK_BATCH_ROWS, batch_format="pandas").materialize()
     return ds.count(), time.perf_counter() - t0
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     n_ours, t_ours = ours(df, tok_dir, args.seq_len, args.procs)
     n_anchor, t_anchor = anchor(df, tok_dir, args.seq_len, args.procs)
     # Packing per batch drops each batch's tail, so block counts differ by at most one block per batch.
-    assert abs(n_ours - n_anchor) <= len(df) // 256 + 1, (n_ours, n_anchor)
+    assert abs(n_ours - n_anchor) <= len(df) // PACK_BATCH_ROWS + 1, (n_ours, n_anchor)
     chars = int(df["text"].str.len().sum())
     print(f"docs={len(df)} chars={chars} procs={args.procs} seq_len={args.seq_len} cpus={os.cpu_count()}")
     print(f"raylm (Ray Data map_batches): {n_ours} blocks in {t_ours:.2f}s = {n_ours * args.seq_len / t_ours:,.0f} tokens/s")

@@ -11,7 +11,7 @@ import math
 import ray
 
 from raylm.config import ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
-from raylm.data.tokenize import PackText
+from raylm.data.tokenize import PACK_BATCH_ROWS, PackText
 from raylm.models import architecture, flops_per_token, load_model, param_count
 from raylm.train.launch import fit
 
@@ -28,7 +28,7 @@ class Config(StageConfig):
 
 def packed(uri: str, tok_path: str, seq_len: int, seed: int):
     return (ray.data.read_parquet(uri)
-            .map_batches(PackText, fn_constructor_args=(tok_path, seq_len), concurrency=1, batch_size=256,
+            .map_batches(PackText, fn_constructor_args=(tok_path, seq_len), concurrency=1, batch_size=PACK_BATCH_ROWS,
                          batch_format="pandas")
             .random_shuffle(seed=seed)  # curated text arrives grouped by source
             .materialize())

@@ -13,6 +13,10 @@ import pandas as pd
 from raylm.losses import IGNORE
 from raylm.models import load_tokenizer
 
+# Rows per `map_batches` call for packing: fewer partial blocks dropped at batch ends than with 256; the same
+# throughput within noise on 2 cores (benchmarks/RESULTS.md).
+PACK_BATCH_ROWS = 1024
+
 
 class PackText:
     def __init__(self, tokenizer_path: str, seq_len: int):
