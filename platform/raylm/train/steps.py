@@ -27,7 +27,6 @@ def make_model(job: dict, tokenizer):
     return model
 
 
-
 def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
