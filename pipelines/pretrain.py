@@ -26,19 +26,18 @@ class Config(StageConfig):
     resources: ResourcesSpec = ResourcesSpec()
 
 
-def packed(uri: str, tok_path: str, seq_len: int, seed: int):
-    return (ray.data.read_parquet(uri)
-            .map_batches(PackText, fn_constructor_args=(tok_path, seq_len), concurrency=1, batch_size=PACK_BATCH_ROWS,
-                         batch_format="pandas")
-            .random_shuffle(seed=seed)  # curated text arrives grouped by source
-            .materialize())
+def packed(uri: str, tok_path: str, seq_len: int, seed: int | None = None):
+    """Packed blocks; with a seed (the training split) globally shuffled: curated text arrives grouped by source."""
+    ds = ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len), concurrency=1,
+                                                batch_size=PACK_BATCH_ROWS, batch_format="pandas")
+    return (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
 
 
 def body(run, inputs, cfg: Config) -> None:
     data, tok_path = inputs["dataset"].uri, inputs["tokenizer"].uri
     with run.time("tokenize_s"):
         train = packed(f"{data}/text_train", tok_path, cfg.train.seq_len, cfg.train.seed)
-        val = packed(f"{data}/text_val", tok_path, cfg.train.seq_len, cfg.train.seed)
+        val = packed(f"{data}/text_val", tok_path, cfg.train.seq_len)
     job = {"objective": "lm", "loss": "causal_lm", "tokenizer_path": tok_path,
            "model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
     with run.time("train_s"):

@@ -24,12 +24,11 @@ class Config(StageConfig):
     val_split: str = "tasks_test"
 
 
-def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples, seed: int = 0):
-    """Tokenized, globally shuffled examples (tasks arrive grouped by family)."""
-    return (ray.data.read_parquet(uri)
-            .map_batches(op, fn_constructor_args=(tok_path, max_len), concurrency=1, batch_format="pandas")
-            .random_shuffle(seed=seed)
-            .materialize())
+def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples, seed: int | None = None):
+    """Tokenized examples; with a seed (training splits) globally shuffled, since tasks arrive grouped by family."""
+    ds = ray.data.read_parquet(uri).map_batches(op, fn_constructor_args=(tok_path, max_len), concurrency=1,
+                                                batch_format="pandas")
+    return (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
 
 
 def lora_meta(cfg) -> dict:

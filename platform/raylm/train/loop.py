@@ -91,11 +91,11 @@ def _batches(shard, batch_size: int, shuffle_buffer: int, seed: int):
 def evaluate(model, shard, job: dict, batch_size: int) -> dict[str, float]:
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    n = torch.zeros(())
+    n = 0
     for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
         _, metrics = OBJECTIVES[job["objective"]](model, batch, job)
         for k, v in metrics.items():
-            sums[k] = sums.get(k, torch.zeros(())) + v.detach().float().cpu()
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
         n += 1
     model.train()
     if not sums:
@@ -143,7 +143,7 @@ def train_loop_per_worker(job: dict) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         for k, v in {**metrics, "grad_norm": grad_norm}.items():
-            window[k] = window.get(k, torch.zeros(())) + v.detach().float().reshape(()).cpu()
+            window[k] = window.get(k, 0.0) + v.detach().float().reshape(())  # stays on device: no per-step sync
         last = step == tc["max_steps"] - 1
         do_eval = val_shard is not None and ((step + 1) % tc["eval_every"] == 0 or last or step == 0)
         if step % tc["log_every"] == 0 or last or do_eval:
