@@ -53,7 +53,8 @@ def ours(df: pd.DataFrame, tok_dir: str, seq_len: int, procs: int) -> tuple[int,
     from raylm.data.tokenize import PackText
 
     t0 = time.perf_counter()
-    ds = ray.data.from_pandas(df).map_batches(PackText, fn_constructor_args=(tok_dir, seq_len), concurrency=procs,
+    ds = ray.data.from_pandas(df).map_batches(PackText, fn_constructor_args=(tok_dir, seq_len),
+                                              compute=ray.data.ActorPoolStrategy(size=procs),
                                               batch_size=PACK_BATCH_ROWS, batch_format="pandas").materialize()
     return ds.count(), time.perf_counter() - t0
 

@@ -10,6 +10,7 @@ from pydantic import field_validator
 from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import PREFERENCE_LOSSES
+from raylm.stage import require_paths
 from raylm.train.launch import fit
 from pipelines.sft import chat_dataset, save_outputs
 
@@ -35,6 +36,10 @@ class Config(StageConfig):
         if v not in PREFERENCE_LOSSES:
             raise ValueError(f"unknown preference loss {v!r}; choose one of {sorted(PREFERENCE_LOSSES)}")
         return v
+
+
+def check(inputs, cfg: Config) -> None:
+    require_paths(STAGE, inputs["dataset"].uri, {"train_split": cfg.train_split, "val_split": cfg.val_split})
 
 
 def body(run, inputs, cfg: Config) -> None:

@@ -15,6 +15,7 @@ import ray
 
 from raylm.config import StageConfig
 from raylm.runs import RunError, RunStore
+from raylm.stage import require_paths
 
 STAGE = "evaluate"
 INPUTS = {"model": ("model",), "dataset": ("dataset",)}
@@ -28,6 +29,10 @@ class Config(StageConfig):
     max_new_tokens: int = 8
     examples: int = 8
     num_gpus: float = 0  # per checkpoint being scored; >0 on GPU clusters (the model then runs on CUDA)
+
+
+def check(inputs, cfg: Config) -> None:
+    require_paths(STAGE, inputs["dataset"].uri, {"held-out text": "text_val", "held-out tasks": "tasks_test"})
 
 
 @ray.remote(num_cpus=1)

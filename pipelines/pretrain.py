@@ -12,7 +12,9 @@ import ray
 
 from raylm.config import ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
 from raylm.data.tokenize import PACK_BATCH_ROWS, PackText
-from raylm.models import architecture, flops_per_token, load_model, param_count
+from raylm.models import architecture, flops_per_token
+from raylm.runs import local_path
+from raylm.stage import require_paths
 from raylm.train.launch import fit
 
 STAGE = "pretrain"
@@ -28,9 +30,14 @@ class Config(StageConfig):
 
 def packed(uri: str, tok_path: str, seq_len: int, seed: int | None = None):
     """Packed blocks; with a seed (the training split) globally shuffled: curated text arrives grouped by source."""
-    ds = ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len), concurrency=1,
+    ds = ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len),
+                                                compute=ray.data.ActorPoolStrategy(size=1),
                                                 batch_size=PACK_BATCH_ROWS, batch_format="pandas")
     return (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
+
+
+def check(inputs, cfg: Config) -> None:
+    require_paths(STAGE, inputs["dataset"].uri, {"train split": "text_train", "val split": "text_val"})
 
 
 def body(run, inputs, cfg: Config) -> None:
@@ -43,19 +50,21 @@ def body(run, inputs, cfg: Config) -> None:
     with run.time("train_s"):
         out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
     model_uri = f"{out['checkpoint']}/model"
-    model = load_model(model_uri)
-    arch = architecture(model.config)
+    from transformers import AutoConfig
+
+    model_cfg = AutoConfig.from_pretrained(local_path(model_uri))  # the exported config: no second model load
+    arch, n_params = architecture(model_cfg), out["metrics"]["params"]
     n_tokens_step = cfg.train.batch_size * cfg.resources.num_workers * cfg.train.seq_len
-    run.add_artifact("model", "model", model_uri, meta={"architecture": arch, "params": param_count(model)})
+    run.add_artifact("model", "model", model_uri, meta={"architecture": arch, "params": n_params})
     run.log_history(out["history"])
     first, last = out["history"][0], out["history"][-1]
     run.log_metrics({
-        "architecture": arch, "params": param_count(model), "train_blocks": train.count(),
+        "architecture": arch, "params": n_params, "train_blocks": train.count(),
         "dataset_tokens": train.count() * cfg.train.seq_len, "tokens_seen": last["tokens_seen"],
         "tokens_per_step": n_tokens_step, "epochs": round(last["tokens_seen"] / max(1, train.count() *
                                                                                       cfg.train.seq_len), 2),
-        "flops_per_token": flops_per_token(model.config, cfg.train.seq_len),
-        "total_flops": flops_per_token(model.config, cfg.train.seq_len) * last["tokens_seen"],
+        "flops_per_token": flops_per_token(model_cfg, cfg.train.seq_len),
+        "total_flops": flops_per_token(model_cfg, cfg.train.seq_len) * last["tokens_seen"],
         "initial_loss": first["loss"], "final_loss": last["loss"],
         "initial_val_loss": first.get("val_loss"), "final_val_loss": last.get("val_loss"),
         "final_val_ppl": round(math.exp(last["val_loss"]), 3) if "val_loss" in last else None,

@@ -255,10 +255,14 @@ def section_eval(m: Manifest) -> str:
                                                                "mean_logp_margin", "n_tasks")}
             for rid, v in x.get("models", {}).items()]
     fams = [{"checkpoint": v["stage"], **v.get("exact_match_per_family", {})} for v in x.get("models", {}).values()]
+    pref = [{"checkpoint": v["stage"], **{f: f"{a} ({v['mean_logp_margin_per_family'][f]:+.2f})" for f, a in
+                                           v.get("preference_accuracy_per_family", {}).items()}}
+            for v in x.get("models", {}).values()]
     return (f"<h2>7. Evaluation</h2>{run_header(m)}<p>Held-out text perplexity, exact match on held-out tasks, "
             f"preference accuracy (correct answer more likely than the wrong one).</p>{grid(rows)}"
             f"<h3>Change over the previous checkpoint</h3>{grid(x.get('deltas', []))}"
             f"<h3>Exact match per task family</h3>{grid(fams)}{img(radar(x.get('models', {})))}"
+            f"<h3>Preference accuracy per task family (held-out pairs; mean log-prob margin in brackets)</h3>{grid(pref)}"
             f"<h3>Before / after examples</h3>{grid(x.get('examples', []))}")
 
 

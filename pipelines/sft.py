@@ -9,6 +9,7 @@ import ray
 
 from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
 from raylm.data.tokenize import ChatExamples
+from raylm.stage import require_paths
 from raylm.train.launch import fit
 
 STAGE = "sft"
@@ -26,8 +27,8 @@ class Config(StageConfig):
 
 def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples, seed: int | None = None):
     """Tokenized examples; with a seed (training splits) globally shuffled, since tasks arrive grouped by family."""
-    ds = ray.data.read_parquet(uri).map_batches(op, fn_constructor_args=(tok_path, max_len), concurrency=1,
-                                                batch_format="pandas")
+    ds = ray.data.read_parquet(uri).map_batches(op, fn_constructor_args=(tok_path, max_len),
+                                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas")
     return (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
 
 
@@ -41,6 +42,10 @@ def save_outputs(run, out: dict, cfg) -> None:
     if cfg.lora:
         run.add_artifact("adapter", "adapter", f"{out['checkpoint']}/adapter", meta=lora_meta(cfg))
     run.log_history(out["history"])
+
+
+def check(inputs, cfg: Config) -> None:
+    require_paths(STAGE, inputs["dataset"].uri, {"train_split": cfg.train_split, "val_split": cfg.val_split})
 
 
 def body(run, inputs, cfg: Config) -> None:

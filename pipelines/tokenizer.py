@@ -13,8 +13,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
-from raylm.config import StageConfig
+from raylm.config import ConfigError, StageConfig
 from raylm.models import load_tokenizer, train_tokenizer
+from raylm.stage import require_paths
 
 STAGE = "tokenizer"
 INPUTS = {"dataset": ("dataset",)}
@@ -24,6 +25,16 @@ class Config(StageConfig):
     vocab_size: int = 2048
     min_frequency: int = 2
     path: str | None = None  # use this local tokenizer instead of training one
+
+
+def check(inputs, cfg: Config) -> None:
+    require_paths(STAGE, inputs["dataset"].uri, {"split": "text_train", "val split": "text_val"})
+    if cfg.path:
+        import os
+
+        if not os.path.isdir(cfg.path) or not os.path.exists(os.path.join(cfg.path, "tokenizer_config.json")):
+            raise ConfigError(f"tokenizer: path={cfg.path!r} is not a tokenizer directory "
+                              "(no tokenizer_config.json there)")
 
 
 @ray.remote(num_cpus=1)
@@ -45,8 +56,8 @@ class CountTokens:
 
 
 def _stats(uri: str, tok_dir: str) -> dict:
-    ds = ray.data.read_parquet(uri).map_batches(CountTokens, fn_constructor_args=(tok_dir,), concurrency=1,
-                                                batch_format="pandas")
+    ds = ray.data.read_parquet(uri).map_batches(CountTokens, fn_constructor_args=(tok_dir,),
+                                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas")
     df = ds.groupby("source").sum(["chars", "tokens"]).to_pandas()
     per = {r["source"]: {"chars": int(r["sum(chars)"]), "tokens": int(r["sum(tokens)"]),
                          "tokens_per_char": round(r["sum(tokens)"] / max(1, r["sum(chars)"]), 4)}
@@ -65,8 +76,8 @@ def body(run, inputs, cfg: Config) -> None:
             ray.get(_train.remote(f"{data}/text_train", cfg.vocab_size, cfg.min_frequency, local))
     uri = run.upload(local, "tokenizer")
     tok = load_tokenizer(local)
-    with run.time("measure_s"):
-        train, val = _stats(f"{data}/text_train", local), _stats(f"{data}/text_val", local)
+    with run.time("measure_s"):  # Ray Data actors load the uploaded tokenizer: they may run on other nodes
+        train, val = _stats(f"{data}/text_train", uri), _stats(f"{data}/text_val", uri)
     run.add_artifact("tokenizer", "tokenizer", uri, meta={"vocab_size": len(tok), "trained": not cfg.path})
     run.log_metrics({"vocab_size": len(tok), "special_tokens": tok.all_special_tokens,
                      "train_tokens": train["tokens"], "tokens_per_char_train": train["tokens_per_char"],

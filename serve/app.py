@@ -13,11 +13,19 @@ from ray.serve.llm import LLMConfig, build_openai_app
 CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}
 
 
+def model_source(model_path: str):
+    """A local directory as is; a model in a remote run store (s3://, gs://) as Ray Serve LLM's cloud mirror, so
+    each replica downloads it on its own node (untested here: no cloud storage on this machine)."""
+    if "://" in model_path and not model_path.startswith("file://"):
+        return {"bucket_uri": model_path}
+    return model_path.removeprefix("file://")
+
+
 def llm_config(model_path: str, model_id: str, accelerator: str = "cpu", min_replicas: int = 1,
                max_replicas: int = 1, engine_kwargs: dict[str, Any] | None = None) -> LLMConfig:
     engine = {**(CPU_ENGINE_DEFAULTS if accelerator == "cpu" else {}), **(engine_kwargs or {})}
     return LLMConfig(
-        model_loading_config={"model_id": model_id, "model_source": model_path},
+        model_loading_config={"model_id": model_id, "model_source": model_source(model_path)},
         accelerator_config={"kind": accelerator},  # without it Serve asks for a GPU and waits forever on CPU
         deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}},
         engine_kwargs=engine,

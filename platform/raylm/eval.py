@@ -74,7 +74,12 @@ def preference_accuracy(model, tok, task_rows: list[dict], max_len: int = 48) ->
         ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
         return sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels).cpu()
 
-    good = logps([t["answer"] for t in task_rows])
-    bad = logps([t["wrong"] for t in task_rows])
-    return {"preference_accuracy": round((good > bad).float().mean().item(), 4),
-            "mean_logp_margin": round((good - bad).mean().item(), 4)}
+    margin = logps([t["answer"] for t in task_rows]) - logps([t["wrong"] for t in task_rows])
+    per_family: dict[str, list[float]] = {}
+    for m, t in zip(margin.tolist(), task_rows):
+        per_family.setdefault(t["family"], []).append(m)
+    return {"preference_accuracy": round((margin > 0).float().mean().item(), 4),
+            "mean_logp_margin": round(margin.mean().item(), 4),
+            "preference_accuracy_per_family": {f: round(sum(m > 0 for m in v) / len(v), 4)
+                                               for f, v in sorted(per_family.items())},
+            "mean_logp_margin_per_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(per_family.items())}}

@@ -1,7 +1,8 @@
 """Build or load models and tokenizers.
 
 Offline by construction: a model is either a tiny random-init preset (tests, demo) or a local Hugging Face
-directory given by the user (the same code path loads a real Qwen2.5/Llama checkpoint). Tokenizers are trained
+directory given by the user (the same code path loads a real Qwen2.5/Llama checkpoint); artifacts in a remote run
+store are fetched to a local cache first (`runs.local_path`). Tokenizers are trained
 locally with the `tokenizers` library and saved as a `PreTrainedTokenizerFast` directory with a ChatML template.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
 from raylm.config import ModelSpec
+from raylm.runs import local_path
 
 # Tiny Llama-architecture presets. `vocab_size` is replaced by the tokenizer's.
 PRESETS: dict[str, dict] = {
@@ -52,7 +54,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 
 def load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(local_path(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -61,7 +63,7 @@ def load_tokenizer(path: str):
 def model_config(spec: ModelSpec, vocab_size: int, tokenizer=None):
     """HF config for a preset (random init) or the config of a local checkpoint."""
     if spec.path:
-        return AutoConfig.from_pretrained(spec.path)
+        return AutoConfig.from_pretrained(local_path(spec.path))
     if spec.preset not in PRESETS:
         raise ValueError(f"unknown model preset {spec.preset!r}; choose one of {sorted(PRESETS)} or set model.path")
     fields = {**PRESETS[spec.preset], **spec.overrides}
@@ -76,14 +78,14 @@ def build_model(spec: ModelSpec, tokenizer=None, seed: int = 0):
     """Random-init model from a preset, or the weights of a local checkpoint (`spec.path`)."""
     dtype = getattr(torch, spec.dtype)
     if spec.path:
-        return AutoModelForCausalLM.from_pretrained(spec.path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(local_path(spec.path), dtype=dtype)
     torch.manual_seed(seed)
     cfg = model_config(spec, vocab_size=len(tokenizer), tokenizer=tokenizer)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
 
 
 def load_model(path: str, dtype: str = "float32"):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(local_path(path), dtype=getattr(torch, dtype))
 
 
 def param_count(model: torch.nn.Module, trainable_only: bool = False) -> int:

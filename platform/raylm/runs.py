@@ -110,6 +110,34 @@ def sha256_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return h.hexdigest()
 
 
+def local_path(uri: str) -> str:
+    """A local directory (or file) with the content of `uri`: local paths as they are; a remote artifact
+    (s3://, gs://, ...) is downloaded once per machine into ~/.cache/raylm/artifacts, since Hugging Face
+    `from_pretrained` and vLLM read local files. Artifacts are immutable (a run writes each once), so the URI is
+    the cache key; concurrent workers on one node download to temporary names and the first rename wins."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    cache = Path(os.environ.get("RAYLM_CACHE", Path.home() / ".cache" / "raylm")) / "artifacts"
+    target = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / os.path.basename(path.rstrip("/"))
+    if target.exists():
+        return str(target)
+    if not fs.exists(path):
+        raise RunError(f"artifact not found: {uri}")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".fetch-"))
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", str(tmp / "d"), recursive=True)
+    else:
+        fs.get(path, str(tmp / "d"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp / "d", target)
+    except OSError:  # another worker got there first
+        pass
+    return str(target)
+
+
 def _git_commit() -> dict:
     repo = Path(__file__).resolve().parents[2]
     try:

@@ -1,8 +1,10 @@
 """The stage contract: resolve inputs from the run store -> Ray workload -> outputs + manifest.
 
 A recipe in `pipelines/` declares `STAGE`, `Config` (a StageConfig subclass), `INPUTS` (role -> accepted artifact
-kinds) and `body(run, inputs, cfg)`. `execute` checks the inputs *before* anything starts, so a missing artifact
-or a stage pointed at the wrong parent fails with a clear message and no half-written run.
+kinds), `body(run, inputs, cfg)` and optionally `check(inputs, cfg)` (raises ConfigError/RunError for what the
+config asks of its inputs, e.g. a split the dataset lacks). `execute` resolves and checks the inputs *before*
+anything starts, so a missing artifact or a stage pointed at the wrong parent fails with a clear message and no
+half-written run.
 """
 from __future__ import annotations
 
@@ -28,10 +30,23 @@ def resolve_inputs(store: RunStore, stage: str, cfg: StageConfig, accepted: dict
     return {role: store.resolve(role, cfg.inputs[role], kinds) for role, kinds in accepted.items()}
 
 
+def require_paths(stage: str, base_uri: str, names: dict[str, str]) -> None:
+    """{config key: relative path}: each must exist under `base_uri` (a dataset's splits, a model's files)."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(base_uri)
+    have = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)) if fs.exists(base) else []
+    for key, rel in names.items():
+        if not fs.exists(f"{base}/{rel}"):
+            raise RunError(f"{stage}: {key}={rel!r} not found in {base_uri}; it has: {', '.join(have) or 'nothing'}")
+
+
 def execute(recipe: ModuleType, cfg: StageConfig) -> str:
     """Run one stage; returns the new run id."""
     store = RunStore(cfg.root)
     inputs = resolve_inputs(store, recipe.STAGE, cfg, recipe.INPUTS)
+    if hasattr(recipe, "check"):
+        recipe.check(inputs, cfg)
     resolved = cfg.model_dump(mode="json")
     resolved["inputs"] = {role: f"{ref.run_id}:{ref.artifact}" for role, ref in inputs.items()}
     init_ray(cfg.ray_address)

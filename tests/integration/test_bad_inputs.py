@@ -55,6 +55,9 @@ def test_stage_pointed_at_wrong_parent_fails_before_starting(ray_cluster, tmp_pa
     with pytest.raises(ConfigError, match="missing input.*inputs.tokenizer"):
         execute(recipe("pretrain"), load_config(recipe("pretrain").Config, None,
                                                 [f"root={root}", f"inputs.dataset={data}"]))
+    with pytest.raises(ConfigError, match="path='/no/such/tokenizer' is not a tokenizer directory"):
+        execute(recipe("tokenizer"), load_config(recipe("tokenizer").Config, None, [
+            f"root={root}", f"inputs.dataset={data}", "path=/no/such/tokenizer"]))
     assert [m.stage for m in RunStore(root).list()] == ["curate"]  # nothing half-started
 
     # the input artifact's files were deleted: the CLI says which, exits 2
@@ -62,3 +65,22 @@ def test_stage_pointed_at_wrong_parent_fails_before_starting(ray_cluster, tmp_pa
     proc = subprocess.run([sys.executable, "-m", "pipelines.tokenizer", f"root={root}", f"inputs.dataset={data}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is missing at" in proc.stderr
+
+
+def test_stage_asking_for_a_split_the_dataset_lacks_fails_before_starting(lifecycle, tmp_path):
+    """A dataset curated without tasks has no tasks_* splits: SFT/DPO/evaluate say so before any run starts."""
+    from raylm.runs import RunStore
+
+    root = tmp_path / "runs"
+    data = execute(recipe("curate"), load_config(recipe("curate").Config, None, [
+        f"root={root}", "sources=[pydoc_topics]", "tasks.enabled=false"]))
+    model_run = lifecycle["runs"]["pretrain"]  # a real model, its manifest copied into this store
+    (root / model_run).mkdir()
+    (root / model_run / "manifest.json").write_text(lifecycle["store"].load(model_run).to_json())
+    for stage, key in (("sft", "train_split='tasks_train'"), ("dpo", "train_split='tasks_train'"),
+                       ("evaluate", "held-out tasks='tasks_test'")):
+        cfg = load_config(recipe(stage).Config, None, [f"root={root}", f"inputs.model={model_run}",
+                                                       f"inputs.dataset={data}"])
+        with pytest.raises(RunError, match=f"{stage}: {key} not found in .*it has: .*text_train"):
+            execute(recipe(stage), cfg)
+    assert sorted(m.stage for m in RunStore(root).list()) == ["curate", "pretrain"]

@@ -101,3 +101,15 @@ def test_remote_fsspec_store():
     assert uri.startswith("memory://")
     assert store.resolve("dataset", run.id, ("dataset",)).uri == uri
     assert [m.run_id for m in store.list()] == [run.id]
+
+
+def test_require_paths_names_the_key_and_what_exists(tmp_path):
+    from raylm.stage import require_paths
+
+    (tmp_path / "text_train").mkdir()
+    (tmp_path / "text_val").mkdir()
+    require_paths("sft", str(tmp_path), {"val": "text_val"})
+    with pytest.raises(RunError, match=r"sft: train_split='tasks_train' not found in .*it has: text_train, text_val"):
+        require_paths("sft", str(tmp_path), {"train_split": "tasks_train"})
+    with pytest.raises(RunError, match="it has: nothing"):
+        require_paths("evaluate", str(tmp_path / "gone"), {"tasks": "tasks_test"})
