@@ -15,6 +15,7 @@ import json
 import os
 import platform as _platform
 import secrets
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -135,6 +136,7 @@ def local_path(uri: str) -> str:
         os.rename(tmp / "d", target)
     except OSError:  # another worker got there first
         pass
+    shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

@@ -113,3 +113,21 @@ def test_require_paths_names_the_key_and_what_exists(tmp_path):
         require_paths("sft", str(tmp_path), {"train_split": "tasks_train"})
     with pytest.raises(RunError, match="it has: nothing"):
         require_paths("evaluate", str(tmp_path / "gone"), {"tasks": "tasks_test"})
+
+
+def test_local_path_fetches_a_remote_artifact_once(tmp_path, monkeypatch):
+    import fsspec
+
+    from raylm.runs import local_path
+
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/store/run1/model/config.json": b'{"a": 1}', "/store/run1/model/sub/w.bin": b"xyz"})
+    local = local_path("memory://store/run1/model")
+    assert open(os.path.join(local, "config.json")).read() == '{"a": 1}'
+    assert open(os.path.join(local, "sub", "w.bin"), "rb").read() == b"xyz"
+    fs.pipe("/store/run1/model/config.json", b"changed")  # artifacts are immutable: the cached copy is reused
+    assert local_path("memory://store/run1/model") == local
+    assert local_path(str(tmp_path)) == str(tmp_path)  # local paths untouched
+    with pytest.raises(RunError, match="artifact not found"):
+        local_path("memory://store/run2/model")
