@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import ray
+from transformers import AutoConfig
 
 from raylm.config import ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
 from raylm.data.tokenize import PACK_BATCH_ROWS, PackText
@@ -50,8 +51,6 @@ def body(run, inputs, cfg: Config) -> None:
     with run.time("train_s"):
         out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
     model_uri = f"{out['checkpoint']}/model"
-    from transformers import AutoConfig
-
     model_cfg = AutoConfig.from_pretrained(local_path(model_uri))  # the exported config: no second model load
     arch, n_params = architecture(model_cfg), out["metrics"]["params"]
     n_tokens_step = cfg.train.batch_size * cfg.resources.num_workers * cfg.train.seq_len

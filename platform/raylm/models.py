@@ -2,8 +2,8 @@
 
 Offline by construction: a model is either a tiny random-init preset (tests, demo) or a local Hugging Face
 directory given by the user (the same code path loads a real Qwen2.5/Llama checkpoint); artifacts in a remote run
-store are fetched to a local cache first (`runs.local_path`). Tokenizers are trained
-locally with the `tokenizers` library and saved as a `PreTrainedTokenizerFast` directory with a ChatML template.
+store are fetched to a local cache first (`runs.local_path`). Tokenizers are trained locally with the `tokenizers`
+library and saved as a `PreTrainedTokenizerFast` directory with a ChatML template.
 """
 from __future__ import annotations
 

@@ -5,8 +5,13 @@ One lifecycle run (session fixture in conftest) feeds all tests here; each test 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from raylm.runs import RunStore
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +58,36 @@ def test_pretrain_loss_falls_well_below_start(lifecycle):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(model_dir).model_type == "llama"
+
+
+def test_same_config_and_seed_reproduce_the_training_run(lifecycle, tmp_path):
+    """Fixed data shards per worker + seeded init and shuffles: a rerun trains on the same batches. Rerun the
+    lifecycle's pre-training for 10 steps (inside warmup the LR does not depend on max_steps) in another store."""
+    import importlib
+
+    from raylm.config import load_config
+    from raylm.stage import execute
+
+    store, runs = lifecycle["store"], lifecycle["runs"]
+    root = tmp_path / "runs"
+    for stage in ("curate", "tokenizer"):  # the same input artifacts, their manifests copied into this store
+        (root / runs[stage]).mkdir(parents=True)
+        (root / runs[stage] / "manifest.json").write_text(store.load(runs[stage]).to_json())
+    first = store.load(runs["pretrain"])
+    recipe = importlib.import_module("pipelines.pretrain")
+    overrides = [f"{k}={v}" for k, v in (("root", root), ("inputs.dataset", runs["curate"]),
+                                         ("inputs.tokenizer", runs["tokenizer"]), ("train.max_steps", 10))]
+    cfg = load_config(recipe.Config, REPO / "pipelines/configs/pretrain/tiny.yaml", overrides)
+    same = cfg.model_dump(mode="json")
+    for key in ("model", "optim", "resources"):
+        assert same[key] == first.config[key], key
+    assert {**same["train"], "max_steps": 200} == first.config["train"]
+    again = execute(recipe, cfg)
+    before = {r["step"]: r["loss"] for r in store.history(runs["pretrain"])}
+    after = {r["step"]: r["loss"] for r in RunStore(str(root)).history(again)}
+    assert [1, 6] == sorted(set(before) & set(after) - {10})
+    for step in (1, 6):
+        assert after[step] == pytest.approx(before[step], abs=1e-5), step
 
 
 def test_sft_saves_adapter_and_merged_model_and_improves_tasks(lifecycle):
