@@ -79,7 +79,9 @@ def body(run, inputs, cfg: Config) -> None:
 
     # 3. kept documents -> train/val split; excluded and quarantined rows keep their reason
     kept_ds = ds.map_batches(lambda b: b[b["drop_reason"] == KEEP], batch_format="pandas")
-    kept_df = kept_ds.to_pandas()
+    # Rows come out of the dedup shuffle in arrival order; sorting makes the written splits (and so every later
+    # stage's data order) the same on every run.
+    kept_df = kept_ds.to_pandas().sort_values(["hash", "id"], kind="stable").reset_index(drop=True)
     kept_df["split"] = [split_of(i or h, cfg.val_percent) for i, h in zip(kept_df["id"], kept_df["hash"])]
     per_source = (kept_df.groupby("source").agg(docs=("text", "size"), chars=("chars", "sum"),
                                                  pretokens=("pretokens", "sum")).to_dict("index"))
