@@ -38,6 +38,7 @@ def s3_endpoint():
     import socket
     import subprocess
     import sys
+    import tempfile
     import time
     import urllib.request
 
@@ -58,7 +59,7 @@ def s3_endpoint():
         proc.kill()
         raise RuntimeError("moto_server did not start")
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=url)
+                      AWS_ENDPOINT_URL=url, RAYLM_CACHE=tempfile.mkdtemp(prefix="raylm-cache-"))
     yield url
     proc.terminate()
 

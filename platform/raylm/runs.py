@@ -113,13 +113,14 @@ def sha256_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def local_path(uri: str) -> str:
     """A local directory (or file) with the content of `uri`: local paths as they are; a remote artifact
-    (s3://, gs://, ...) is downloaded once per machine into ~/.cache/raylm/artifacts, since Hugging Face
+    (s3://, gs://, ...) is downloaded once per machine into $RAYLM_CACHE/artifacts (default ~/.cache/raylm), since Hugging Face
     `from_pretrained` and vLLM read local files. Artifacts are immutable (a run writes each once), so the URI is
     the cache key; concurrent workers on one node download to temporary names and the first rename wins."""
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         return path
-    cache = Path(os.environ.get("RAYLM_CACHE", Path.home() / ".cache" / "raylm")) / "artifacts"
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raylm"
+    cache = Path(os.environ.get("RAYLM_CACHE", default)) / "artifacts"
     target = cache / hashlib.sha1(uri.encode()).hexdigest()[:16] / os.path.basename(path.rstrip("/"))
     if target.exists():
         return str(target)

@@ -112,7 +112,7 @@ def test_dpo_improves_preference_over_sft(lifecycle):
     ev = manifest(lifecycle, "evaluate").metrics["models"]
     sft, dpo = ev[lifecycle["runs"]["sft"]], ev[lifecycle["runs"]["dpo"]]
     # Evaluate's held-out log-prob margin of correct over wrong answer rises. Its size depends on the SFT model it
-    # starts from (seen +0.23 .. +1.4; the mean is dominated by the parity family's +-5..10 nats), so only the
+    # starts from (seen +0.23 .. +1.6; the mean is dominated by the parity family's +-5..10 nats), so only the
     # direction is asserted; the accuracy, over ~180 pairs, rose by 0.04-0.09 and must at least not fall.
     assert dpo["mean_logp_margin"] > sft["mean_logp_margin"]
     assert dpo["preference_accuracy"] >= sft["preference_accuracy"] - 0.03
