@@ -40,6 +40,7 @@ def s3_endpoint():
     import sys
     import tempfile
     import time
+    import urllib.error
     import urllib.request
 
     with socket.socket() as s:
@@ -49,9 +50,11 @@ def s3_endpoint():
     proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+    for _ in range(600):  # up to a minute on a loaded 2-core machine
         try:
             urllib.request.urlopen(url, timeout=1)
+            break
+        except urllib.error.HTTPError:  # answering at all means it is up
             break
         except OSError:
             time.sleep(0.1)
