@@ -30,7 +30,7 @@ class Config(StageConfig):
 def check(inputs, cfg: Config) -> None:
     require_paths(STAGE, inputs["dataset"].uri, {"split": "text_train", "val split": "text_val"})
     if cfg.path:
-        if not os.path.isdir(cfg.path) or not os.path.exists(os.path.join(cfg.path, "tokenizer_config.json")):
+        if not os.path.exists(os.path.join(cfg.path, "tokenizer_config.json")):
             raise ConfigError(f"tokenizer: path={cfg.path!r} is not a tokenizer directory "
                               "(no tokenizer_config.json there)")
 

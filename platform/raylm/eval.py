@@ -49,14 +49,18 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 8, batch_size
     return [o.strip() for o in outs]
 
 
+def _family_means(values: list[float], task_rows: list[dict]) -> dict[str, float]:
+    """Mean of `values` per task family (values[i] belongs to task_rows[i])."""
+    per_family: dict[str, list[float]] = {}
+    for v, t in zip(values, task_rows):
+        per_family.setdefault(t["family"], []).append(float(v))
+    return {f: round(sum(v) / len(v), 4) for f, v in sorted(per_family.items())}
+
+
 def exact_match(model, tok, task_rows: list[dict], max_new_tokens: int = 8) -> dict:
     preds = generate(model, tok, [t["prompt"] for t in task_rows], max_new_tokens)
     hits = [T.exact_match(p, t["answer"]) for p, t in zip(preds, task_rows)]
-    per_family: dict[str, list[bool]] = {}
-    for h, t in zip(hits, task_rows):
-        per_family.setdefault(t["family"], []).append(h)
-    return {"exact_match": round(sum(hits) / max(1, len(hits)), 4),
-            "per_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(per_family.items())},
+    return {"exact_match": round(sum(hits) / max(1, len(hits)), 4), "per_family": _family_means(hits, task_rows),
             "predictions": preds}
 
 
@@ -75,11 +79,7 @@ def preference_accuracy(model, tok, task_rows: list[dict], max_len: int = 48) ->
         return sequence_logps(model(input_ids=ids, attention_mask=mask).logits, labels).cpu()
 
     margin = logps([t["answer"] for t in task_rows]) - logps([t["wrong"] for t in task_rows])
-    per_family: dict[str, list[float]] = {}
-    for m, t in zip(margin.tolist(), task_rows):
-        per_family.setdefault(t["family"], []).append(m)
     return {"preference_accuracy": round((margin > 0).float().mean().item(), 4),
             "mean_logp_margin": round(margin.mean().item(), 4),
-            "preference_accuracy_per_family": {f: round(sum(m > 0 for m in v) / len(v), 4)
-                                               for f, v in sorted(per_family.items())},
-            "mean_logp_margin_per_family": {f: round(sum(v) / len(v), 4) for f, v in sorted(per_family.items())}}
+            "preference_accuracy_per_family": _family_means((margin > 0).tolist(), task_rows),
+            "mean_logp_margin_per_family": _family_means(margin.tolist(), task_rows)}

@@ -12,6 +12,8 @@ import argparse
 import sys
 from types import ModuleType
 
+import fsspec
+
 from raylm.cluster import init_ray
 from raylm.config import ConfigError, StageConfig, load_config
 from raylm.runs import RunError, RunStore
@@ -32,8 +34,6 @@ def resolve_inputs(store: RunStore, stage: str, cfg: StageConfig, accepted: dict
 
 def require_paths(stage: str, base_uri: str, names: dict[str, str]) -> None:
     """{config key: relative path}: each must exist under `base_uri` (a dataset's splits, a model's files)."""
-    import fsspec
-
     fs, base = fsspec.core.url_to_fs(base_uri)
     have = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)) if fs.exists(base) else []
     for key, rel in names.items():
