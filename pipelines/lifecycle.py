@@ -1,6 +1,7 @@
 """lifecycle: the whole walking lifecycle as chained stage runs on one Ray cluster.
 
-curate -> tokenizer -> pretrain -> sft -> dpo -> evaluate -> serve -> report. Each stage is an ordinary run
+curate -> tokenizer -> pretrain -> sft -> dpo -> reward -> rl -> evaluate -> serve -> report (the reward model is
+trained beside the chain; rl continues from dpo, or sft when dpo is skipped). Each stage is an ordinary run
 (its own manifest); inputs are wired by run id. Every stage config is validated before the first stage starts,
 so a typo in the last stage's section fails in seconds, not after training.
 """
@@ -16,17 +17,23 @@ from raylm.config import ConfigError, Section, deep_merge, load_config
 from raylm.runs import RunError, RunStore
 from raylm.stage import execute
 
-ORDER = ["curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve", "report"]
-# role -> the earlier stage whose run feeds it
+ORDER = ["curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report"]
+# role -> the earlier stages whose run can feed it, in order of preference (the first one not skipped wins)
 WIRING = {
-    "tokenizer": {"dataset": "curate"},
-    "pretrain": {"dataset": "curate", "tokenizer": "tokenizer"},
-    "sft": {"model": "pretrain", "dataset": "curate"},
-    "dpo": {"model": "sft", "dataset": "curate"},
-    "evaluate": {"model": "dpo", "dataset": "curate"},
-    "serve": {"model": "dpo"},
-    "report": {"run": "serve"},
+    "tokenizer": {"dataset": ("curate",)},
+    "pretrain": {"dataset": ("curate",), "tokenizer": ("tokenizer",)},
+    "sft": {"model": ("pretrain",), "dataset": ("curate",)},
+    "dpo": {"model": ("sft",), "dataset": ("curate",)},
+    "reward": {"model": ("sft",), "dataset": ("curate",)},
+    "rl": {"model": ("dpo", "sft"), "dataset": ("curate",)},
+    "evaluate": {"model": ("rl", "dpo", "sft"), "dataset": ("curate",)},
+    "serve": {"model": ("rl", "dpo", "sft")},
+    "report": {"run": ("serve", "evaluate")},
 }
+
+
+def source(sources: tuple[str, ...], available) -> str | None:
+    return next((s for s in sources if s in available), None)
 
 
 class Config(Section):
@@ -40,6 +47,8 @@ class Config(Section):
     pretrain: dict = {}
     sft: dict = {}
     dpo: dict = {}
+    reward: dict = {}
+    rl: dict = {}
     evaluate: dict = {}
     serve: dict = {}
     report: dict = {}
@@ -75,14 +84,15 @@ def stage_configs(cfg: Config, base_dir: Path) -> dict:
 def run(cfg: Config, base_dir: Path = Path(".")) -> dict[str, str]:
     configs = stage_configs(cfg, base_dir)
     for stage, stage_cfg in configs.items():  # wiring checked before the first stage starts
-        missing = [src for role, src in WIRING.get(stage, {}).items()
-                   if src not in configs and role not in stage_cfg.inputs]
+        missing = [" or ".join(srcs) for role, srcs in WIRING.get(stage, {}).items()
+                   if source(srcs, configs) is None and role not in stage_cfg.inputs]
         if missing:
             raise ConfigError(f"stage {stage} needs the output of {missing}, which were skipped "
                               f"(or give {stage}.inputs.<role>=RUN_ID)")
     done: dict[str, str] = {}
     for stage, stage_cfg in configs.items():
-        wiring = {role: done[src] for role, src in WIRING.get(stage, {}).items() if src in done}
+        wiring = {role: done[source(srcs, done)] for role, srcs in WIRING.get(stage, {}).items()
+                  if source(srcs, done)}
         stage_cfg.inputs = {**wiring, **stage_cfg.inputs}
         t0 = time.time()
         print(f"==> {stage} ...", flush=True)
@@ -97,6 +107,14 @@ def summary(store: RunStore, done: dict[str, str]) -> str:
         lines.append(f"  {stage:<10} {rid}  {store.uri(rid)}")
     if "report" in done:
         lines.append(f"report: {store.load(done['report']).metrics.get('index')}")
+    if "reward" in done:
+        x = store.load(done["reward"]).metrics
+        lines.append(f"  reward model: held-out pairwise accuracy {x.get('heldout_accuracy')}")
+    if "rl" in done:
+        x = store.load(done["rl"]).metrics
+        lines.append(f"  rl ({x['algorithm']}): held-out reward {x['heldout_reward_before']} -> "
+                     f"{x['heldout_reward_after']} (greedy {x['heldout_greedy_reward_before']} -> "
+                     f"{x['heldout_greedy_reward_after']}), {x['weight_version']} weight pushes to the replicas")
     if "evaluate" in done:
         ev = store.load(done["evaluate"]).metrics
         for rid, m in ev.get("models", {}).items():

@@ -1,8 +1,10 @@
-"""Build the OpenAI-compatible application for a model directory with `ray.serve.llm` (vLLM engine).
+"""Build Ray Serve LLM applications for a model directory with `ray.serve.llm` (vLLM engine).
 
-The same builder serves a tiny CPU model in tests and a real checkpoint on GPU nodes: only `accelerator` and the
-engine kwargs change. On CPU, vLLM's `gpu_memory_utilization` is the fraction of host memory reserved for the KV
-cache (the default 0.92 fails on small machines, see FACTS.md).
+One builder, two uses: the OpenAI-compatible endpoint (`build_app`, the `serve` stage) and the RL rollout engine
+(`serve/rollout.py`, same `llm_config` plus a weight-sync worker extension). The same code serves a tiny CPU model
+in tests and a real checkpoint on GPU nodes: only `accelerator` and the engine kwargs change. On CPU, vLLM's
+`gpu_memory_utilization` is the fraction of host memory reserved for the KV cache (the default 0.92 fails on small
+machines, see FACTS.md).
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ def model_source(model_path: str):
 
 
 def llm_config(model_path: str, model_id: str, accelerator: str = "cpu", min_replicas: int = 1,
-               max_replicas: int = 1, engine_kwargs: dict[str, Any] | None = None) -> LLMConfig:
+               max_replicas: int = 1, engine_kwargs: dict[str, Any] | None = None,
+               deployment_config: dict[str, Any] | None = None) -> LLMConfig:
+    """`deployment_config` adds Serve options (e.g. `ray_actor_options.resources` to place replicas)."""
     engine = {**(CPU_ENGINE_DEFAULTS if accelerator == "cpu" else {}), **(engine_kwargs or {})}
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_source(model_path)},
         accelerator_config={"kind": accelerator},  # without it Serve asks for a GPU and waits forever on CPU
-        deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas}},
+        deployment_config={"autoscaling_config": {"min_replicas": min_replicas, "max_replicas": max_replicas},
+                           **(deployment_config or {})},
         engine_kwargs=engine,
     )
 

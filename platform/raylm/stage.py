@@ -19,17 +19,21 @@ from raylm.config import ConfigError, StageConfig, load_config
 from raylm.runs import RunError, RunStore
 
 
-def resolve_inputs(store: RunStore, stage: str, cfg: StageConfig, accepted: dict[str, tuple[str, ...]]) -> dict:
+def resolve_inputs(store: RunStore, stage: str, cfg: StageConfig, accepted: dict[str, tuple[str, ...]],
+                   optional: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Required roles (`accepted`) must be given; `optional` roles are resolved when given."""
+    optional = optional or {}
     missing = [r for r in accepted if r not in cfg.inputs]
     if missing:
         needs = ", ".join(f"{r} ({'|'.join(k)})" for r, k in accepted.items())
         raise ConfigError(f"{stage}: missing input(s) {', '.join('inputs.' + r for r in missing)}; "
                           f"{stage} needs {needs}")
-    extra = [r for r in cfg.inputs if r not in accepted]
+    extra = [r for r in cfg.inputs if r not in accepted and r not in optional]
     if extra:
         raise ConfigError(f"{stage}: unknown input(s) {', '.join('inputs.' + r for r in extra)}; "
-                          f"valid: {', '.join(accepted) or 'none'}")
-    return {role: store.resolve(role, cfg.inputs[role], kinds) for role, kinds in accepted.items()}
+                          f"valid: {', '.join([*accepted, *optional]) or 'none'}")
+    roles = {**accepted, **{r: k for r, k in optional.items() if r in cfg.inputs}}
+    return {role: store.resolve(role, cfg.inputs[role], kinds) for role, kinds in roles.items()}
 
 
 def require_paths(stage: str, base_uri: str, names: dict[str, str]) -> None:
@@ -44,7 +48,7 @@ def require_paths(stage: str, base_uri: str, names: dict[str, str]) -> None:
 def execute(recipe: ModuleType, cfg: StageConfig) -> str:
     """Run one stage; returns the new run id."""
     store = RunStore(cfg.root)
-    inputs = resolve_inputs(store, recipe.STAGE, cfg, recipe.INPUTS)
+    inputs = resolve_inputs(store, recipe.STAGE, cfg, recipe.INPUTS, getattr(recipe, "OPTIONAL_INPUTS", None))
     if hasattr(recipe, "check"):
         recipe.check(inputs, cfg)
     resolved = cfg.model_dump(mode="json")

@@ -43,7 +43,11 @@ def fit(job: dict, datasets: dict, resources: ResourcesSpec, storage_uri: str, n
         datasets=datasets,
         dataset_config=FixedShards(),
     )
-    result = trainer.fit()
+    return read_result(trainer.fit())
+
+
+def read_result(result) -> dict:
+    """Metrics, the history rows and the checkpoint URI of a finished Ray Train run (rank 0 reported them)."""
     if result.error:
         raise result.error
     ckpt = result.checkpoint

@@ -1,0 +1,1 @@
+"""Online RL: algorithms (pure functions), rewards, rollouts on Ray Serve, weight sync."""

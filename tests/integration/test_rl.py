@@ -1,0 +1,172 @@
+"""Online RL for real: GRPO on Serve vLLM replicas inside the lifecycle, a second short run through the other code
+paths (PPO critic, one-step-stale rollouts, a reward model plus a failing reward, over-long prompts), and the
+rollout engine's fault handling (weight-version check, a replica killed mid-rollout)."""
+import dataclasses
+import importlib
+import time
+
+import pytest
+
+from raylm.config import load_config
+from raylm.runs import RunError, RunStore
+from raylm.stage import execute
+
+pytestmark = pytest.mark.integration
+
+
+def manifest(lifecycle, stage):
+    return lifecycle["store"].load(lifecycle["runs"][stage])
+
+
+def test_grpo_on_serve_replicas_raises_heldout_reward(lifecycle):
+    m = manifest(lifecycle, "rl")
+    x = m.metrics
+    assert x["rollout_engine"] == "serve" and x["algorithm"] == "grpo"
+    # held-out prompts, k samples each at the training temperature, before (input checkpoint) and after
+    assert x["heldout_reward_after"] > x["heldout_reward_before"] + 0.05, x
+    assert x["heldout_greedy_reward_after"] >= x["heldout_greedy_reward_before"]
+    steps = m.config["max_steps"]
+    assert x["weight_version"] == steps and x["replica_versions"] == [steps] * m.config["rollout"]["replicas"]
+    hist = lifecycle["store"].history(m.run_id)
+    assert [r["weight_version"] for r in hist] == list(range(1, steps + 1))
+    for key in ("reward_mean", "reward_std", "kl", "entropy", "clip_frac", "response_len", "adv_mean", "adv_std",
+                "generate_s", "reward_s", "learn_s", "sync_s"):
+        assert all(key in r for r in hist), key
+    # the learner's recomputed log-probs match what vLLM reported for the same tokens: the pushed weights are live
+    assert max(r["behaviour_logp_gap"] for r in hist) < 0.05
+    before = [e["before"] for e in x["examples"]]
+    after = [e["after"] for e in x["examples"]]
+    assert before and len(before) == len(after)
+    assert x["prompts_skipped_too_long"] == 0 and x["reward_failures"] == {}
+
+
+def test_rl_model_is_the_served_and_evaluated_one(lifecycle):
+    runs = lifecycle["runs"]
+    assert lifecycle["store"].load(runs["serve"]).parent == runs["rl"]
+    ev = manifest(lifecycle, "evaluate").metrics["models"]
+    assert [v["stage"] for v in ev.values()][-1] == "rl"
+    page = open(manifest(lifecycle, "report").metrics["index"]).read()
+    assert "Online RL (grpo)" in page and "heldout_reward_after" in page
+
+
+def test_ppo_stale_rollouts_reward_model_and_failing_reward(lifecycle, tmp_path):
+    """One short run through the other paths: PPO's critic (GAE), one-step-stale rollouts with the importance ratio
+    against the behaviour log-probs, KL in the reward with the adaptive controller, the trained reward model plus
+    a reward that raises on every sample (counted, never fatal), and prompts over max_prompt_len (skipped)."""
+    store, runs = lifecycle["store"], lifecycle["runs"]
+    rl = importlib.import_module("pipelines.rl")
+    cfg = load_config(rl.Config, "pipelines/configs/rl/tiny.yaml", [
+        f"root={store.root}", f"inputs.model={runs['sft']}", f"inputs.dataset={runs['curate']}",
+        f"inputs.reward_model={runs['reward']}", "algorithm=ppo", "stale=true", "max_steps=3", "eval_every=2",
+        "prompts_per_step=8", "group_size=2", "max_heldout=16", "max_prompt_len=22",
+        "resources.num_workers=1", "kl.coef=0.05", "kl.where=reward", "kl.controller=adaptive", "kl.target=0.01",
+        "rewards=[{name: exact_match}, {name: reward_model, weight: 0.1}, {name: code_tests, weight: 0.5}]"])
+    rid = execute(rl, cfg)
+    x = store.load(rid).metrics
+    assert x["weight_version"] == 3 and x["replica_versions"] == [3]
+    assert x["prompts_skipped_too_long"] > 0  # "Which is larger, 12 or 87?" and friends exceed 22 tokens
+    assert x["reward_failures"] == {"code_tests:error:KeyError": 3 * 8 * 2}  # task rows carry no `tests`
+    hist = store.history(rid)
+    assert all("value_loss" in r for r in hist) and hist[-1]["kl_coef"] != 0.05  # critic trained, KL adapted
+
+
+def test_rl_refuses_bad_inputs_before_starting(lifecycle, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store, runs = lifecycle["store"], lifecycle["runs"]
+    rl = importlib.import_module("pipelines.rl")
+    data = tmp_path / "data"
+    for split in ("tasks_train", "tasks_test"):
+        (data / split).mkdir(parents=True)
+        pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+                       data / split / "part.parquet")
+    before = len(store.list())
+    cfg = load_config(rl.Config, "pipelines/configs/rl/tiny.yaml", [f"root={store.root}",
+                                                                   f"inputs.model={runs['sft']}",
+                                                                   f"inputs.dataset={runs['curate']}"])
+    with pytest.raises(RunError, match="reward_model reward needs inputs.reward_model"):
+        execute(rl, load_config(rl.Config, None, [f"root={store.root}", f"inputs.model={runs['sft']}",
+                                                  f"inputs.dataset={runs['curate']}",
+                                                  "rewards=[{name: reward_model}]"]))
+    from raylm.stage import resolve_inputs
+
+    inputs = resolve_inputs(RunStore(str(store.root)), "rl", cfg, rl.INPUTS)
+    inputs["dataset"] = dataclasses.replace(inputs["dataset"], uri=str(data))
+    with pytest.raises(RunError, match="train_split='tasks_train' has no prompts"):
+        rl.check(inputs, cfg)
+    assert len(store.list()) == before  # nothing half-started
+
+
+@pytest.fixture(scope="module")
+def rollout_app(lifecycle):
+    """Two rollout replicas of the SFT model (no learner): for the weight-version and replica-kill tests."""
+    import ray
+    from ray import serve
+
+    from serve.rollout import RolloutClient, build_rollout_app, create_weight_store
+
+    model = lifecycle["store"].load(lifecycle["runs"]["sft"]).output(kind="model").uri
+    store = create_weight_store("weights-test")
+    serve.start(http_options={"location": "NoServer"})
+    app = build_rollout_app(model, "policy", "weights-test", replicas=2,
+                            engine_kwargs={"max_model_len": 128, "gpu_memory_utilization": 0.1})
+    serve.run(app, name="rollout-test", route_prefix=None)
+    from raylm.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": f"Is {n} even or odd?"}],
+                                           add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"] for n in range(64)]
+    yield {"client": RolloutClient("rollout-test", "policy", "weights-test", chunk_size=8), "prompts": prompts,
+           "model": model}
+    serve.delete("rollout-test")
+    ray.kill(store)
+
+
+def test_weight_push_reaches_every_replica_and_stale_samples_are_refused(rollout_app):
+    import torch
+
+    from raylm.models import load_model
+
+    client, prompts = rollout_app["client"], rollout_app["prompts"]
+    greedy = {"n": 1, "max_tokens": 6, "temperature": 0.0}
+    before = client.sample(prompts, greedy, 0)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in load_model(rollout_app["model"]).state_dict().items()}
+    info = client.push_weights(state, 1)
+    assert sorted(r["version"] for r in info["replicas"]) == [1, 1] and client.versions() == [1, 1]
+    after = client.sample(prompts, greedy, 1)
+    assert {s["version"] for g in after for s in g} == {1}
+    assert len({s["replica"] for g in after for s in g}) == 2  # both replicas served the batch
+    assert sum(a[0]["ids"] != b[0]["ids"] for a, b in zip(after, before)) > 10  # new weights answer differently
+    with pytest.raises(RuntimeError, match="sample from weight version 1, expected 0"):
+        client.sample(prompts, greedy, 0)
+
+
+def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_app):
+    import ray
+    from ray.util.state import list_actors
+
+    client, prompts = rollout_app["client"], rollout_app["prompts"]
+    version = max(client.versions())
+    params = {"n": 8, "max_tokens": 32, "temperature": 1.0, "ignore_eos": True}
+    pending = client.submit(prompts, params, version)
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                if a.class_name.startswith("ServeReplica:rollout-test")]
+    assert len(replicas) == 2
+    time.sleep(0.5)
+    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+    retries = client.retries
+    out = client.collect(pending, params, version)
+    assert len(out) == len(prompts) and all(len(g) == 8 for g in out)
+    assert client.retries > retries  # lost chunks were re-sent to the live replica
+    deadline = time.time() + 300  # Serve starts a replacement, which catches up from the weight store
+    while time.time() < deadline:
+        try:
+            if client.versions() == [version, version]:
+                break
+        except Exception:  # noqa: BLE001 - replica set changing under the broadcast
+            pass
+        time.sleep(3)
+    assert client.versions() == [version, version]
+
