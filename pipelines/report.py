@@ -2,8 +2,10 @@
 
 Walks from the given run back to the data, then adds the evaluate and serve runs that consumed any model of that
 lineage. Sections: overview, data, tokenizer, architecture and pre-training (optimizer, schedule, distributed
-setup, compute), SFT (LoRA rank/targets/merge), preference alignment (algorithm, loss, beta, rewards), evaluation
-(per checkpoint, deltas, before/after examples, radar chart), serving, environment. Loss and LR curves are drawn
+setup, compute), SFT (LoRA rank/targets/merge), preference alignment (algorithm, loss, beta, rewards), reward model
+(Bradley-Terry: held-out pairwise accuracy, chosen vs rejected reward histogram), online RL (algorithm, loss, KL,
+rewards, reward/KL/entropy/clip curves, time per step, before/after answers), evaluation (per checkpoint,
+deltas, before/after examples, radar chart), serving, environment. Loss and LR curves are drawn
 with matplotlib and embedded in the page, so the report is one self-contained file.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from raylm.config import StageConfig
 from raylm.runs import Manifest, RunStore
 
 STAGE = "report"
-ANY_KIND = ("model", "dataset", "tokenizer", "adapter", "eval", "endpoint", "excluded", "report")
+ANY_KIND = ("model", "dataset", "tokenizer", "adapter", "reward_model", "eval", "endpoint", "excluded", "report")
 INPUTS = {"run": ANY_KIND}
 
 # The loss written out per algorithm (seed 001 asks for "the full loss expression").
@@ -31,6 +33,9 @@ LOSS_FORMULAS = {
            " - (log &pi;<sub>&theta;</sub>(y<sub>l</sub>|x) - log &pi;<sub>ref</sub>(y<sub>l</sub>|x))])",
     "ipo": "L = (h - 1/(2&beta;))<sup>2</sup>, h = log-ratio margin of chosen over rejected",
     "hinge": "L = max(0, 1 - &beta; h), h = log-ratio margin of chosen over rejected",
+    "bradley_terry": "L = -log &sigma;(r<sub>&phi;</sub>(x, y<sub>w</sub>) - r<sub>&phi;</sub>(x, y<sub>l</sub>) - m)"
+                     " + c (r<sub>&phi;</sub>(x, y<sub>w</sub>) + r<sub>&phi;</sub>(x, y<sub>l</sub>))<sup>2</sup>,"
+                     " m = margin, c = center_coef",
 }
 
 
@@ -40,13 +45,14 @@ class Config(StageConfig):
 
 # ---------------------------------------------------------------- collecting runs
 def collect(store: RunStore, run_id: str) -> dict[str, list[Manifest]]:
-    """stage -> runs: the lineage of `run_id` plus evaluate/serve runs that used one of its models."""
+    """stage -> runs: the lineage of `run_id` plus evaluate/serve/reward runs that used one of its models (a reward
+    model is trained beside the chain, from the SFT model, so it is not in the final model's lineage)."""
     lineage = store.lineage(run_id)
     ids = {m.run_id for m in lineage}
     by_stage: dict[str, list[Manifest]] = {}
     for m in lineage:
         by_stage.setdefault(m.stage, []).append(m)
-    for stage in ("evaluate", "serve"):
+    for stage in ("reward", "evaluate", "serve"):
         if stage in by_stage:
             continue
         users = [m for m in store.list(stage) if m.status == "succeeded" and any(i.run_id in ids for i in m.inputs)]
@@ -65,8 +71,8 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def curves(history: list[dict], title: str) -> str | None:
-    """Loss (train/val) and LR against step; for preference stages also chosen/rejected rewards."""
+def curves(history: list[dict], title: str, reward_label: str = "implicit reward") -> str | None:
+    """Loss (train/val) and LR against step; for preference and reward stages also chosen/rejected rewards."""
     if not history:
         return None
     import matplotlib
@@ -89,8 +95,29 @@ def curves(history: list[dict], title: str) -> str | None:
     if panels == 3:
         axes[2].plot(steps, [r["reward_chosen"] for r in history], label="chosen")
         axes[2].plot(steps, [r["reward_rejected"] for r in history], label="rejected")
-        axes[2].set(title=f"{title}: implicit reward", xlabel="step")
+        axes[2].set(title=f"{title}: {reward_label}", xlabel="step")
         axes[2].legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def reward_histogram(chosen: list[float], rejected: list[float]) -> str | None:
+    """Held-out rewards of chosen and rejected answers: two overlaid histograms on the same bins."""
+    if not chosen or not rejected:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lo, hi = min(chosen + rejected), max(chosen + rejected)
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for values, label, color in ((rejected, "rejected", "tab:red"), (chosen, "chosen", "tab:blue")):
+        ax.hist(values, bins=bins, alpha=0.55, color=color, label=f"{label} (mean {np.mean(values):+.2f})")
+    ax.set(title=f"held-out rewards, {len(chosen)} pairs", xlabel="reward r(x, y)", ylabel="answers")
+    ax.legend()
     fig.tight_layout()
     return _png(fig)
 
@@ -181,7 +208,7 @@ def section_tokenizer(m: Manifest) -> str:
             f"<h3>Compression rate per source (held-out, tokens per character)</h3>{grid(per)}")
 
 
-def _training(m: Manifest, store: RunStore, title: str) -> tuple[dict, dict, str]:
+def _training(m: Manifest, store: RunStore, title: str, **curve_kw) -> tuple[dict, dict, str]:
     cfg = m.config
     optim, train, res = cfg.get("optim", {}), cfg.get("train", {}), cfg.get("resources", {})
     schedule = {"schedule": optim.get("schedule"), "peak_lr": optim.get("lr"),
@@ -197,7 +224,7 @@ def _training(m: Manifest, store: RunStore, title: str) -> tuple[dict, dict, str
              "seq_len": train.get("seq_len"),
              "workers": f"{res.get('num_workers')}x {'GPU' if res.get('use_gpu') else 'CPU'}",
              "strategy": res.get("strategy"), "framework": "Ray Train TorchTrainer"}
-    return schedule, setup, img(curves(store.history(m.run_id), title))
+    return schedule, setup, img(curves(store.history(m.run_id), title, **curve_kw))
 
 
 def section_pretrain(m: Manifest, store: RunStore) -> str:
@@ -249,6 +276,111 @@ def section_preference(m: Manifest, store: RunStore) -> str:
             f"<h3>Result</h3>{kv_table(result)}{fig}")
 
 
+def section_reward(m: Manifest, store: RunStore) -> str:
+    x, c = m.metrics, m.config
+    schedule, setup, fig = _training(m, store, "reward", reward_label="reward (score head)")
+    lora = c.get("lora")
+    method = {"base model": x.get("base_model"),
+              "model": "the base model's body + a scalar score head on the last token (sequence classification)",
+              "fine-tuning": (f"LoRA (PEFT) rank {lora['rank']}, alpha {lora['alpha']} on {lora['target_modules']}; "
+                              "score head trained in full; merged for export") if lora else "full fine-tuning",
+              "loss": c.get("loss"), "margin": c.get("margin"), "center_coef": c.get("center_coef"),
+              "pairs (train)": x.get("pairs"), "pairs (held-out)": x.get("val_pairs"),
+              "skipped: no rejected answer": x.get("pairs_skipped_missing_rejected_per_split"),
+              "pair source": "task answer (chosen) vs plausible wrong answer",
+              "trainable_params": x.get("trainable_params")}
+    result = pick(x, "heldout_pairs", "heldout_accuracy", "heldout_margin_mean", "reward_chosen_mean",
+                  "reward_chosen_std", "reward_rejected_mean", "reward_rejected_std", "initial_loss", "final_loss",
+                  "final_accuracy")
+    fams = x.get("heldout_accuracy_per_family", {})
+    return (f"<h2>7. Reward model</h2>{run_header(m)}<h3>Method</h3>{kv_table(method)}"
+            f"<h3>Loss (Bradley-Terry)</h3><p>{LOSS_FORMULAS.get(c.get('loss'), c.get('loss'))}</p>"
+            f"<h3>Training</h3>{kv_table({**setup, **schedule})}{fig}"
+            f"<h3>Held-out pairs (chance: accuracy 0.5)</h3>{kv_table(result)}"
+            f"<h3>Pairwise accuracy per task family</h3>{grid([fams] if fams else [])}"
+            f"<h3>Reward distributions, chosen vs rejected (held-out)</h3>"
+            f"{img(reward_histogram(x.get('reward_chosen', []), x.get('reward_rejected', [])))}")
+
+
+RL_LOSS = ("L = -(1/|G|) &Sigma;<sub>i</sub> agg<sub>t</sub> min(&rho;<sub>i,t</sub> A<sub>i,t</sub>, "
+           "clip(&rho;<sub>i,t</sub>, 1-&epsilon;<sub>low</sub>, 1+&epsilon;<sub>high</sub>) A<sub>i,t</sub>)"
+           " + &beta; KL<sub>k</sub>(&pi;<sub>&theta;</sub> || &pi;<sub>ref</sub>), "
+           "&rho; = &pi;<sub>&theta;</sub>/&pi;<sub>old</sub>")
+RL_ALGOS = {"grpo": "A = (r - mean<sub>group</sub>) / std<sub>group</sub>",
+            "drgrpo": "A = r - mean<sub>group</sub>; token sums / max length",
+            "dapo": "A = (r - mean) / std; clip-higher; all-equal groups dropped; token-level mean; overlong penalty",
+            "gspo": "sequence-level ratio &rho;<sub>i</sub> = exp(mean<sub>t</sub> log(&pi;<sub>&theta;</sub>/&pi;<sub>old</sub>))",
+            "rloo": "A = r - mean of the other k-1 samples",
+            "reinforce_pp": "A = whitened returns-to-go of per-token rewards (batch)",
+            "ppo": "A = GAE(&gamma;, &lambda;) from a critic; + c<sub>v</sub> clipped value loss"}
+
+
+def rl_curves(history: list[dict]) -> str | None:
+    """Reward (train, held-out), KL and entropy, clip fraction and length, and where each step's seconds went."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3))
+    mean = [r["reward_mean"] for r in history]
+    std = [r["reward_std"] for r in history]
+    axes[0].plot(steps, mean, label="train (mean)")
+    axes[0].fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+    held = [(r["step"], r["heldout_reward"]) for r in history if "heldout_reward" in r]
+    if held:
+        axes[0].plot(*zip(*held), marker="o", label="held-out")
+    axes[0].set(title="reward", xlabel="step")
+    axes[0].legend()
+    axes[1].plot(steps, [r["kl"] for r in history], label="KL to reference")
+    axes[1].plot(steps, [r["entropy"] for r in history], label="entropy")
+    axes[1].set(title="KL and entropy", xlabel="step")
+    axes[1].legend()
+    axes[2].plot(steps, [r["clip_frac"] for r in history], label="clip fraction")
+    axes[2].plot(steps, [r["response_len"] / max(1, max(x["response_len"] for x in history)) for r in history],
+                 label="response length (rel.)")
+    axes[2].set(title="clipping and length", xlabel="step")
+    axes[2].legend()
+    bottom = [0.0] * len(steps)
+    for key in ("generate_s", "reward_s", "learn_s", "sync_s"):
+        vals = [r.get(key, 0.0) for r in history]
+        axes[3].bar(steps, vals, bottom=bottom, label=key.removesuffix("_s"))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[3].set(title="seconds per step", xlabel="step")
+    axes[3].legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def section_rl(m: Manifest, store: RunStore) -> str:
+    x, c = m.metrics, m.config
+    algo = c.get("algorithm", "grpo")
+    kl = c.get("kl", {})
+    roll = c.get("rollout", {})
+    method = {"algorithm": algo, "advantage": RL_ALGOS.get(algo, ""), "group size k": c.get("group_size"),
+              "prompts per step (per worker)": c.get("prompts_per_step"), "steps": c.get("max_steps"),
+              "max new tokens": c.get("max_new_tokens"), "temperature": c.get("temperature"),
+              "KL": f"{kl.get('coef')} x {kl.get('estimator')} in the {kl.get('where')} ({kl.get('controller')})",
+              "rewards": c.get("rewards"), "policy": "LoRA" if c.get("lora") else "full fine-tuning",
+              "optimizer": f"AdamW lr={c.get('optim', {}).get('lr')}",
+              "roles": "actor (trained), reference (frozen input model), reward (functions/model)"
+                       + (", critic (value head, same Ray Train job)" if algo == "ppo" else ""),
+              "learner": f"Ray Train, {c.get('resources', {}).get('num_workers')} workers "
+                         f"({c.get('resources', {}).get('strategy')})",
+              "rollouts": f"Ray Serve, {roll.get('replicas')} vLLM replica(s), weights pushed in place every step"}
+    result = pick(x, "heldout_reward_before", "heldout_reward_after", "heldout_greedy_reward_before",
+                  "heldout_greedy_reward_after", "heldout_prompts", "initial_reward", "final_reward",
+                  "weight_version", "replica_versions", "rollout_engine", "train_prompts", "prompts_skipped_too_long",
+                  "reward_failures", "mean_step_seconds", "train_s")
+    return (f"<h2>8. Online RL ({html.escape(algo)})</h2>{run_header(m)}<h3>Method</h3>{kv_table(method)}"
+            f"<h3>Loss</h3><p>{RL_LOSS}</p><h3>Result</h3>{kv_table(result)}"
+            f"{img(rl_curves(store.history(m.run_id)))}"
+            f"<h3>Before / after on fixed held-out prompts (greedy)</h3>{grid(x.get('examples', []))}")
+
+
 def section_eval(m: Manifest) -> str:
     x = m.metrics
     rows = [{"checkpoint": f"{v['stage']} ({rid})", **pick(v, "perplexity", "exact_match", "preference_accuracy",
@@ -258,7 +390,7 @@ def section_eval(m: Manifest) -> str:
     pref = [{"checkpoint": v["stage"], **{f: f"{a} ({v['mean_logp_margin_per_family'][f]:+.2f})" for f, a in
                                            v.get("preference_accuracy_per_family", {}).items()}}
             for v in x.get("models", {}).values()]
-    return (f"<h2>7. Evaluation</h2>{run_header(m)}<p>Held-out text perplexity, exact match on held-out tasks, "
+    return (f"<h2>9. Evaluation</h2>{run_header(m)}<p>Held-out text perplexity, exact match on held-out tasks, "
             f"preference accuracy (correct answer more likely than the wrong one).</p>{grid(rows)}"
             f"<h3>Change over the previous checkpoint</h3>{grid(x.get('deltas', []))}"
             f"<h3>Exact match per task family</h3>{grid(fams)}{img(radar(x.get('models', {})))}"
@@ -272,7 +404,7 @@ def section_serve(m: Manifest) -> str:
               "replicas (min-max)": f"{c.get('min_replicas')}-{c.get('max_replicas')}"}
     result = pick(x, "engine", "url", "model_id", "deploy_s", "completion_latency_ms", "chat_latency_ms",
                   "completion", "chat", "bad_request_status", "status_after_bad_request")
-    return f"<h2>8. Serving</h2>{run_header(m)}{kv_table(result)}<h3>Engine settings</h3>{kv_table(engine)}"
+    return f"<h2>10. Serving</h2>{run_header(m)}{kv_table(result)}<h3>Engine settings</h3>{kv_table(engine)}"
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
@@ -281,12 +413,12 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
 
 
 def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], title: str) -> str:
-    order = [m for s in ("curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve")
+    order = [m for s in ("curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve")
              for m in by_stage.get(s, [])]
-    known = {"curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve", "report"}
+    known = {"curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report"}
     order += [m for s, ms in by_stage.items() if s not in known for m in ms]
     chain = " → ".join(f"{m.stage}" for m in order)
-    final_model = next((m for s in ("dpo", "sft", "pretrain") for m in by_stage.get(s, [])), None)
+    final_model = next((m for s in ("rl", "dpo", "sft", "pretrain") for m in by_stage.get(s, [])), None)
     overview = {"target run": target, "pipeline": chain,
                 "final model": final_model.output(kind="model").uri if final_model else None,
                 "architecture": (by_stage.get("pretrain", [None])[0].metrics.get("architecture", {}).get("model_type")
@@ -296,7 +428,8 @@ def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], ti
     parts = [f"<h1>{html.escape(title)}</h1><h2>1. Overview</h2>{kv_table(overview)}"]
     writers = {"curate": section_data, "tokenizer": section_tokenizer, "evaluate": section_eval,
                "serve": section_serve}
-    trainers = {"pretrain": section_pretrain, "sft": section_sft, "dpo": section_preference}
+    trainers = {"pretrain": section_pretrain, "sft": section_sft, "dpo": section_preference, "reward": section_reward,
+                "rl": section_rl}
     for m in order:
         if m.stage in writers:
             parts.append(writers[m.stage](m))
@@ -305,7 +438,7 @@ def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], ti
         else:
             parts.append(f"<h2>{html.escape(m.stage)}</h2>{run_header(m)}{kv_table(m.metrics)}")
     env = order[-1].environment if order else {}
-    parts.append(f"<h2>9. Environment and reproducibility</h2>{kv_table(env)}"
+    parts.append(f"<h2>11. Environment and reproducibility</h2>{kv_table(env)}"
                  f"<h3>Resolved configs</h3>" + "".join(
                      f"<details><summary>{m.stage} ({m.run_id})</summary><pre>{html.escape(json.dumps(m.config, indent=1))}"
                      f"</pre></details>" for m in order))

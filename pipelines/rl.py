@@ -57,7 +57,7 @@ class RolloutSpec(Section):
     accelerator: str = "cpu"
     engine_kwargs: dict = {"max_model_len": 256}
     chunk_size: int = 16  # prompts per handle call; chunks spread over the replicas
-    max_retries: int = 4  # per chunk, when a replica dies mid-rollout
+    max_retries: int = 8  # per chunk, when a replica dies mid-rollout (backoff 1, 2, 4, ... 30 s)
 
     @field_validator("placement")
     @classmethod
@@ -97,6 +97,7 @@ class Config(StageConfig):
     train_split: str = "tasks_train"
     heldout_split: str = "tasks_test"
     max_heldout: int = 100
+    heldout_samples: int = 32  # samples per held-out prompt for heldout_reward_before/after
     examples: int = 8  # fixed held-out prompts shown before/after in the report
 
     @field_validator("algorithm")
@@ -152,16 +153,22 @@ class PromptIds:
         return batch
 
 
-def prompt_set(uri: str, tok_path: str, max_len: int, limit: int | None = None):
-    """(kept dataset, rows in, rows skipped for length)."""
-    ds = ray.data.read_parquet(uri)
-    if limit:
-        ds = ds.limit(limit)
-    ds = ds.map_batches(PromptIds, fn_constructor_args=(tok_path,), compute=ray.data.ActorPoolStrategy(size=1),
-                        batch_format="pandas").materialize()
+def prompt_set(uri: str, tok_path: str, max_len: int):
+    """Training prompts as a Ray Data dataset: (kept dataset, rows in, rows skipped for length)."""
+    ds = ray.data.read_parquet(uri).map_batches(PromptIds, fn_constructor_args=(tok_path,),
+                                                compute=ray.data.ActorPoolStrategy(size=1),
+                                                batch_format="pandas").materialize()
     n_in = ds.count()
     kept = ds.filter(lambda r: r["prompt_len"] <= max_len).materialize()
     return kept, n_in, n_in - kept.count()
+
+
+def heldout_prompts(uri: str, tok_path: str, max_len: int, limit: int) -> tuple[list[dict], int]:
+    """The first `limit` held-out prompts, tokenized here (a hundred rows: no pipeline needed); (rows, skipped)."""
+    table = pq.read_table(uri).slice(0, limit)
+    rows = PromptIds(tok_path)(table.to_pandas()).to_dict("records") if table.num_rows else []
+    kept = [{**r, "prompt_ids": [int(t) for t in r["prompt_ids"]]} for r in rows if r["prompt_len"] <= max_len]
+    return kept, len(rows) - len(kept)
 
 
 def deploy_rollouts(run, model_uri: str, cfg: Config) -> dict:
@@ -189,16 +196,16 @@ def body(run, inputs, cfg: Config) -> None:
     model_uri, data = inputs["model"].uri, inputs["dataset"].uri
     with run.time("prepare_s"):
         train, n_train, skipped = prompt_set(f"{data}/{cfg.train_split}", model_uri, cfg.max_prompt_len)
-        heldout, n_held, skipped_h = prompt_set(f"{data}/{cfg.heldout_split}", model_uri, cfg.max_prompt_len,
-                                                cfg.max_heldout)
-        if train.count() == 0 or heldout.count() == 0:
+        held_rows, skipped_h = heldout_prompts(f"{data}/{cfg.heldout_split}", model_uri, cfg.max_prompt_len,
+                                               cfg.max_heldout)
+        if train.count() == 0 or not held_rows:
             raise RunError(f"{STAGE}: no prompts left after skipping those longer than max_prompt_len="
                            f"{cfg.max_prompt_len} tokens ({skipped} train, {skipped_h} held-out skipped)")
-        held_rows = [{**r, "prompt_ids": [int(t) for t in r["prompt_ids"]]} for r in heldout.take_all()]
     with run.time("deploy_s"):
         rollout, store = deploy_rollouts(run, model_uri, cfg)
     job = {**rollout, "algorithm": cfg.algorithm, "group_size": cfg.group_size, "kl": cfg.kl.model_dump(),
            "prompts_per_step": cfg.prompts_per_step, "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
+           "heldout_samples": cfg.heldout_samples,
            "sampling": {"n": cfg.group_size, "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                         "top_p": cfg.top_p},
            "clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "ppo_epochs": cfg.ppo_epochs,

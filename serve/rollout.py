@@ -173,7 +173,7 @@ class RolloutClient:
     """
 
     def __init__(self, app_name: str, model_id: str, weight_store: str, chunk_size: int = 16,
-                 max_retries: int = 4, timeout_s: float = 600):
+                 max_retries: int = 8, timeout_s: float = 600):
         self.handle = serve.get_deployment_handle(deployment_name(model_id), app_name)
         self.store = ray.get_actor(weight_store, namespace=STORE_NAMESPACE)
         self.chunk_size, self.max_retries, self.timeout_s = chunk_size, max_retries, timeout_s
@@ -196,12 +196,13 @@ class RolloutClient:
                 try:
                     res = resp.result(timeout_s=self.timeout_s)
                     break
-                except RETRYABLE as exc:
+                except Exception as exc:  # noqa: BLE001 - a dead actor, a dead engine inside a live actor, ...
                     if attempt == self.max_retries:
                         raise RuntimeError(f"rollout chunk failed after {attempt} retries: {exc}") from exc
                     self.retries += 1
                     log.warning("rollout chunk failed (%s); retrying on the live replicas", type(exc).__name__)
-                    time.sleep(min(2 ** attempt, 10))
+                    # backoff up to ~2 minutes in all: long enough for Serve to replace a replica whose engine died
+                    time.sleep(min(2 ** attempt, 30))
                     resp = self.handle.sample.remote(chunk, params, expected_version)
             if not expected_version <= res["version"] <= max_version:
                 raise RuntimeError(f"sample from weight version {res['version']}, expected {expected_version}"

@@ -10,7 +10,7 @@ import sys
 from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 
-STAGES = ["curate", "tokenizer", "pretrain", "sft", "dpo", "evaluate", "serve", "report"]
+STAGES = ["curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report"]
 
 
 def _root(args) -> str:
@@ -45,44 +45,55 @@ def cmd_runs(args) -> None:
 
 def cmd_show(args) -> None:
     store = RunStore(_root(args))
+    run_id = store.resolve_id(args.run)  # `latest/dpo` works here as it does for stage inputs
     if args.lineage:
-        for m in store.lineage(args.run):
+        for m in store.lineage(run_id):
             outs = ", ".join(f"{a.name}({a.kind})" for a in m.outputs.values())
             print(f"{m.stage:<10} {m.run_id:<36} {m.status:<10} outputs: {outs}")
         return
-    print(store.load(args.run).to_json())
+    print(store.load(run_id).to_json())
 
 
 def cmd_report(args) -> None:
     from pipelines import report
     from raylm.stage import execute
 
-    cfg = load_config(report.Config, None, [f"root={_root(args)}", f"inputs.run={args.run}"])
+    cfg = load_config(report.Config, None, [f"root={_root(args)}",
+                                            f"inputs.run={RunStore(_root(args)).resolve_id(args.run)}"])
     run_id = execute(report, cfg)
     print(RunStore(cfg.root).load(run_id).metrics.get("index"))
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raylm", description="Ray-native LLM lifecycle platform")
-    ap.add_argument("--root", help="run store: local dir or fsspec URI (default $RAYLM_ROOT or ./runs)")
+    root_help = "run store: local dir or fsspec URI (default $RAYLM_ROOT or ./runs)"
+    ap.add_argument("--root", help=root_help)
+    # `--root` is accepted after the subcommand too (`raylm runs --root DIR`); SUPPRESS keeps a value given before
+    # the subcommand from being overwritten by the subparser's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default=argparse.SUPPRESS, help=root_help)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("run", help="run one stage")
+
+    def add(name: str, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("run", help="run one stage")
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--config", help="stage YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("lifecycle", help="run the chained lifecycle")
+    p = add("lifecycle", help="run the chained lifecycle")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_lifecycle)
-    p = sub.add_parser("runs", help="list runs")
+    p = add("runs", help="list runs")
     p.add_argument("--stage", choices=STAGES)
     p.set_defaults(fn=cmd_runs)
-    p = sub.add_parser("show", help="print a run's manifest (or its lineage)")
+    p = add("show", help="print a run's manifest (or its lineage)")
     p.add_argument("run")
     p.add_argument("--lineage", action="store_true", help="walk from this run back to the data")
     p.set_defaults(fn=cmd_show)
-    p = sub.add_parser("report", help="build the HTML lineage report for a run")
+    p = add("report", help="build the HTML lineage report for a run")
     p.add_argument("run")
     p.set_defaults(fn=cmd_report)
     return ap

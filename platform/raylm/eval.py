@@ -1,4 +1,5 @@
-"""Evaluation tasks for one checkpoint: held-out perplexity, task exact-match, preference accuracy.
+"""Evaluation tasks for one checkpoint: held-out perplexity, task exact-match, preference accuracy; and the
+pairwise accuracy of a reward model.
 
 Plain PyTorch/transformers on one Ray task per checkpoint (tiny models; batched greedy decoding). Scores are
 pure functions of (model, tokenizer, data) so the same code scores a real checkpoint.
@@ -83,3 +84,47 @@ def preference_accuracy(model, tok, task_rows: list[dict], max_len: int = 48) ->
             "mean_logp_margin": round(margin.mean().item(), 4),
             "preference_accuracy_per_family": _family_means((margin > 0).tolist(), task_rows),
             "mean_logp_margin_per_family": _family_means(margin.tolist(), task_rows)}
+
+
+@torch.no_grad()
+def rewards(model, tok, prompts: list[str], answers: list[str], max_len: int = 48,
+            batch_size: int = 64) -> torch.Tensor:
+    """Scalar rewards (N,) of one-turn exchanges from a sequence-classification reward model, tokenized as in
+    training (ChatML, right-padded with the pad id, so the head reads each sequence's last real token)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = zip(prompts[i: i + batch_size], answers[i: i + batch_size])
+        seqs = [chat_tokens(tok, p, a, max_len)[0] for p, a in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        out.append(logits[:, 0].float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def reward_pair_scores(model, tok, task_rows: list[dict], max_len: int = 48) -> dict:
+    """Pairwise accuracy of a reward model (fraction of pairs with r(chosen) > r(rejected)), overall and per task
+    family, the mean margin, and both reward distributions (per pair too, for the scores artifact)."""
+    if not task_rows:
+        return {"heldout_pairs": 0, "reward_chosen": [], "reward_rejected": [], "pairs": []}
+    prompts = [t["prompt"] for t in task_rows]
+    r_c = rewards(model, tok, prompts, [t["answer"] for t in task_rows], max_len)
+    r_r = rewards(model, tok, prompts, [t["wrong"] for t in task_rows], max_len)
+    wins = (r_c > r_r).float()
+
+    def stats(r: torch.Tensor) -> dict:
+        return {"mean": round(r.mean().item(), 4), "std": round(r.std(unbiased=False).item(), 4)}
+
+    c, r = stats(r_c), stats(r_r)
+    has_family = all("family" in t for t in task_rows)
+    return {"heldout_pairs": len(task_rows), "heldout_accuracy": round(wins.mean().item(), 4),
+            "heldout_margin_mean": round((r_c - r_r).mean().item(), 4),
+            "heldout_accuracy_per_family": _family_means(wins.tolist(), task_rows) if has_family else {},
+            "reward_chosen_mean": c["mean"], "reward_chosen_std": c["std"],
+            "reward_rejected_mean": r["mean"], "reward_rejected_std": r["std"],
+            "reward_chosen": r_c.tolist(), "reward_rejected": r_r.tolist(),
+            "pairs": [{"id": t.get("id"), "family": t.get("family"), "r_chosen": round(a, 4),
+                       "r_rejected": round(b, 4)} for t, a, b in zip(task_rows, r_c.tolist(), r_r.tolist())]}

@@ -1,7 +1,8 @@
 """Losses as pure functions with tensor-shape docstrings, registered by name (verl `core_algos.py` style).
 
 Adding an algorithm = one registered function + one test. Language-model losses take logits/labels;
-preference losses take per-sequence log-probabilities of the policy and the reference.
+preference losses take per-sequence log-probabilities of the policy and the reference; reward-model losses take the
+scalar rewards a sequence-classification head gives the chosen and the rejected answer.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 IGNORE = -100
 LM_LOSSES: dict[str, Callable] = {}
 PREFERENCE_LOSSES: dict[str, Callable] = {}
+REWARD_LOSSES: dict[str, Callable] = {}
 
 
 def register(table: dict, name: str):
@@ -85,3 +87,21 @@ def hinge(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float = 0.1, l
     logits = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
     losses = torch.relu(1 - beta * logits)
     return losses, beta * (pi_chosen - ref_chosen).detach(), beta * (pi_rejected - ref_rejected).detach()
+
+
+@register(REWARD_LOSSES, "bradley_terry")
+def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0,
+                  center_coef: float = 0.0) -> torch.Tensor:
+    """Pairwise Bradley-Terry loss of a reward model (Ouyang et al., 2022): -log sigma(r_c - r_r - margin).
+
+    r_chosen, r_rejected: (B,) scalar rewards. Returns per-pair losses (B,).
+    `margin` asks for a minimum gap (Llama 2's margin term, Touvron et al., 2023; TRL's `margin` column).
+    `center_coef` adds center_coef * (r_c + r_r)^2, which pulls rewards towards mean zero: the BT loss only sees
+    differences, so the offset is otherwise free to drift (Eisenstein et al., 2023, eq. 2; TRL's
+    `center_rewards_coefficient`, where the mean of these per-pair terms is the same loss).
+    """
+    r_chosen, r_rejected = r_chosen.float(), r_rejected.float()
+    losses = -F.logsigmoid(r_chosen - r_rejected - margin)
+    if center_coef:
+        losses = losses + center_coef * (r_chosen + r_rejected) ** 2
+    return losses

@@ -11,7 +11,8 @@ from typing import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaConfig, PreTrainedTokenizerFast)
 
 from raylm.config import ModelSpec
 from raylm.runs import local_path
@@ -82,6 +83,20 @@ def build_model(spec: ModelSpec, tokenizer=None, seed: int = 0):
     torch.manual_seed(seed)
     cfg = model_config(spec, vocab_size=len(tokenizer), tokenizer=tokenizer)
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def build_reward_model(path: str, dtype: str = "float32", tokenizer=None):
+    """A scalar reward model: the checkpoint's body with a fresh 1-output `score` head on the last token.
+
+    Hugging Face's sequence-classification models read the score at the last token that is not `pad_token_id`;
+    the pad id is set from the tokenizer, since that is what pads the training batches (a checkpoint's config may
+    have no pad id at all, and a model cannot score batches > 1 without one). The head is initialised from the
+    current torch seed, which the training loop sets, so every worker starts from the same head.
+    """
+    local = local_path(path)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(path)
+    cfg = AutoConfig.from_pretrained(local, num_labels=1, pad_token_id=tok.pad_token_id)
+    return AutoModelForSequenceClassification.from_pretrained(local, config=cfg, dtype=getattr(torch, dtype))
 
 
 def load_model(path: str, dtype: str = "float32"):

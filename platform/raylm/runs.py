@@ -234,15 +234,23 @@ class RunStore:
             return [json.loads(line) for line in f if line.strip()]
 
     # ---- inputs
+    def resolve_id(self, ref: str) -> str:
+        """A run id as given, or `latest` / `latest/STAGE`: the newest succeeded run (of that stage)."""
+        if ref != "latest" and not ref.startswith("latest/"):
+            return ref
+        stage = ref.split("/", 1)[1] if "/" in ref else None
+        done = [r for r in self.list(stage) if r.status == "succeeded"]
+        if not done:
+            raise RunError(f"no succeeded {stage + ' ' if stage else ''}run in {self.uri()}")
+        return done[-1].run_id
+
     def resolve(self, role: str, ref: str, kinds: tuple[str, ...]) -> InputRef:
         """`RUN_ID` or `RUN_ID:artifact` -> the artifact, checked to exist and to be of one of `kinds`."""
         run_id, _, name = ref.partition(":")
-        if run_id == "latest" or run_id.startswith("latest/"):
-            stage = run_id.split("/", 1)[1] if "/" in run_id else None
-            done = [r for r in self.list(stage) if r.status == "succeeded"]
-            if not done:
-                raise RunError(f"input {role!r}: no succeeded {stage or ''} run in {self.uri()}")
-            run_id = done[-1].run_id
+        try:
+            run_id = self.resolve_id(run_id)
+        except RunError as exc:
+            raise RunError(f"input {role!r}: {exc}") from None
         m = self.load(run_id)
         if m.status != "succeeded":
             raise RunError(f"input {role!r}: run {run_id} is {m.status}, not succeeded")

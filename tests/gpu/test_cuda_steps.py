@@ -64,6 +64,27 @@ def test_lm_and_preference_steps_learn_on_cuda_in_bf16(tokenizer_dir):
     assert losses[-1] < losses[0]
 
 
+def test_reward_step_learns_on_cuda_in_bf16(tokenizer_dir, tmp_path):
+    """A scalar-head reward model (LoRA + score head) in bf16 separates chosen from rejected on a fixed batch, and
+    the evaluation-side scorer reads it on the GPU."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    base = make_model({"model": {"preset": "tiny"}, "train": {"seed": 0}}, tok)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    tasks = [t for t in make_tasks([TEXT] * 20, per_family=40) if t["family"] in ("parity", "add")]
+    batch = {k: torch.as_tensor(v).cuda() for k, v in PreferencePairs(tokenizer_dir, 48)(pd.DataFrame(tasks)).items()}
+    job = {"task": "seq_cls", "model": {"path": str(tmp_path / "base"), "preset": None, "dtype": "bfloat16"},
+           "train": {"seed": 0}, "loss": "bradley_terry", "lora": {"rank": 8, "alpha": 16}}
+    model = make_model(job, tok).cuda()
+    assert next(model.parameters()).dtype == torch.bfloat16
+    losses, after = _train(model, "reward", [batch], job, steps=30, lr=2e-3)
+    assert losses[-1] < losses[0] and float(after["accuracy"]) > 0.7
+    scores = E.reward_pair_scores(model.eval(), tok, tasks[:16])
+    assert scores["heldout_pairs"] == 16 and len(scores["reward_chosen"]) == 16
+
+
 def test_evaluation_runs_on_cuda(tokenizer_dir):
     from transformers import AutoTokenizer
 

@@ -84,3 +84,45 @@ def test_stage_asking_for_a_split_the_dataset_lacks_fails_before_starting(lifecy
         with pytest.raises(RunError, match=f"{stage}: {key} not found in .*it has: .*text_train"):
             execute(recipe(stage), cfg)
     assert sorted(m.stage for m in RunStore(root).list()) == ["curate", "pretrain"]
+
+
+def test_preference_rows_without_rejected_answer_are_counted_and_skipped(ray_cluster, tmp_path):
+    """Task rows whose `wrong` (the rejected answer) is null or empty cannot form a pair: the reward stage drops
+    them before tokenizing, counts them per split and trains on the rest. Everything is hand-made and tiny (a
+    tokenizer and a 1-layer model saved as a run, 2 steps on 1 worker), so the test needs no lifecycle."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylm import tasks
+    from raylm.config import ModelSpec
+    from raylm.models import build_model, train_tokenizer
+    from raylm.runs import RunStore
+
+    root = tmp_path / "runs"
+    store = RunStore(root)
+    text = "Which number comes after seven? Repeat the word: window. Is nine even or odd? " * 20
+    rows = tasks.make_tasks([text], per_family=20)
+    with store.start_run("pretrain", {"note": "hand-made tiny model"}) as model_run:
+        tok = train_tokenizer([text, *(f"{t['prompt']} {t['answer']} {t['wrong']}" for t in rows)], 400)
+        model = build_model(ModelSpec(overrides={"hidden_size": 32, "intermediate_size": 64,
+                                                 "num_hidden_layers": 1}), tok)
+        model.save_pretrained(root / model_run.id / "model")
+        tok.save_pretrained(root / model_run.id / "model")
+        model_run.add_artifact("model", "model", model_run.uri("model"))
+    holes = {"tasks_train": (rows[:40], [None, None, "", "  "]), "tasks_test": (rows[40:52], [None, ""])}
+    with store.start_run("curate", {"note": "hand-made: some rows lack the rejected answer"}) as data_run:
+        for split, (part, bad) in holes.items():
+            part = [dict(r) for r in part]
+            for row, wrong in zip(part, bad):
+                row["wrong"] = wrong
+            (root / data_run.id / "data" / split).mkdir(parents=True)
+            pq.write_table(pa.Table.from_pylist(part), root / data_run.id / "data" / split / "part-0.parquet")
+        data_run.add_artifact("dataset", "dataset", data_run.uri("data"))
+    cfg = load_config(recipe("reward").Config, None, [
+        f"root={root}", f"inputs.model={model_run.id}", f"inputs.dataset={data_run.id}", "train.max_steps=2",
+        "train.batch_size=8", "train.eval_every=2", "resources.num_workers=1", "optim.warmup_steps=1"])
+    m = store.load(execute(recipe("reward"), cfg))
+    x = m.metrics
+    assert m.status == "succeeded" and x["pairs_skipped_missing_rejected"] == 6
+    assert x["pairs_skipped_missing_rejected_per_split"] == {"tasks_train": 4, "tasks_test": 2}
+    assert x["pairs"] == 36 and x["val_pairs"] == 10 and x["heldout_pairs"] == 10

@@ -41,6 +41,18 @@ def test_dpo_matches_closed_form():
     assert math.isclose(rc.item(), 1.0) and math.isclose(rr.item(), -1.0)
 
 
+def test_bradley_terry_matches_hand_computed_values():
+    fn = L.REWARD_LOSSES["bradley_terry"]
+    r_c, r_r = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    # -log sigma(1) = log(1 + e^-1) = 0.31326; -log sigma(0) = log 2 = 0.69315
+    assert torch.allclose(fn(r_c, r_r), torch.tensor([0.31326, 0.69315]), atol=1e-5)
+    # margin 0.5: log(1 + e^-0.5) = 0.47408, log(1 + e^0.5) = 0.97408; centering adds 0.1 * (r_c + r_r)^2 = 0.1, 0
+    assert torch.allclose(fn(r_c, r_r, margin=0.5, center_coef=0.1), torch.tensor([0.57408, 0.97408]), atol=1e-5)
+    # only the difference matters to the BT term: shifting both rewards changes nothing without centering
+    assert torch.allclose(fn(r_c + 3, r_r + 3), fn(r_c, r_r))
+    assert fn(torch.full((4,), 2.0), torch.zeros(4)).shape == (4,)
+
+
 def test_warmup_cosine_schedule():
     total, warm = 100, 10
     m = [lr_multiplier(s, total, warm, "cosine", 0.1) for s in range(total + 1)]

@@ -25,3 +25,19 @@ def test_bad_key_and_bad_flag(tmp_path):
 def test_runs_on_empty_store(tmp_path):
     proc = raylm("runs", root=tmp_path)
     assert proc.returncode == 0 and "no runs" in proc.stdout
+
+
+def test_root_after_the_subcommand_and_latest_stage_in_show(tmp_path):
+    from raylm.runs import RunStore
+
+    store = RunStore(str(tmp_path))
+    with store.start_run("dpo", {"k": 1}, []) as run:
+        run.log_metrics({"x": 1})
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "runs", "--root", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and run.id in proc.stdout
+    proc = raylm("show", "latest/dpo", root=tmp_path)
+    assert proc.returncode == 0 and f'"run_id": "{run.id}"' in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "show", "latest/sft", "--root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no succeeded sft run" in proc.stderr

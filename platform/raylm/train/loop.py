@@ -1,6 +1,7 @@
-"""The Ray Train loop shared by pre-training, SFT and the DPO family.
+"""The Ray Train loop shared by pre-training, SFT, the DPO family and reward modelling.
 
-What differs between stages is only the objective (`lm` or `preference`) and the loss name; the loop does
+What differs between stages is only the objective (`lm`, `preference` or `reward`, the last with a
+sequence-classification model: `job["task"] == "seq_cls"`) and the loss name; the loop does
 setup -> (wrap with FSDP2 or DDP) -> steps with warmup/decay LR, grad clipping, metric all-reduce and periodic
 validation -> export of a full Hugging Face model (and the LoRA adapter) from rank 0 as a Ray Train checkpoint.
 """

@@ -1,6 +1,7 @@
 """What a training step computes, for each objective: pure model -> (loss, metrics) functions, no Ray.
 
-`lm` (pre-training, SFT) and `preference` (the DPO family). The Ray Train loop in `loop.py` calls these; the GPU
+`lm` (pre-training, SFT), `preference` (the DPO family) and `reward` (a Bradley-Terry reward model: a
+sequence-classification head, `job["task"] == "seq_cls"`). The Ray Train loop in `loop.py` calls these; the GPU
 tests call them directly on CUDA.
 """
 from __future__ import annotations
@@ -10,19 +11,30 @@ from contextlib import nullcontext
 import torch
 
 from raylm.config import LoraSpec, ModelSpec
-from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, token_logps
-from raylm.models import build_model
+from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, REWARD_LOSSES, token_logps
+from raylm.models import build_model, build_reward_model
 
 
 # ---------------------------------------------------------------- model setup
 def make_model(job: dict, tokenizer):
-    model = build_model(ModelSpec(**job["model"]), tokenizer, seed=job["train"]["seed"])
+    spec = ModelSpec(**job["model"])
+    seq_cls = job.get("task") == "seq_cls"
+    if seq_cls:
+        if not spec.path:
+            raise ValueError("a reward model (task seq_cls) starts from a checkpoint: set model.path")
+        torch.manual_seed(job["train"]["seed"])  # the new score head: the same init on every worker and on export
+        model = build_reward_model(spec.path, spec.dtype, tokenizer)
+    else:
+        model = build_model(spec, tokenizer, seed=job["train"]["seed"])
     if job.get("lora"):
         from peft import LoraConfig, get_peft_model  # PEFT's LoRA, not a hand-rolled one
 
         lora = LoraSpec(**job["lora"])
+        # SEQ_CLS: PEFT adds the new `score` head to modules_to_save itself, so it is trained in full (it starts
+        # random; a low-rank update of it would make no sense) and merged into the exported model.
         model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                                                 target_modules=lora.target_modules,
+                                                 task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM",
                                                  modules_to_save=lora.modules_to_save or None))
     return model
 
@@ -69,4 +81,19 @@ def preference_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
                   "logp_chosen": pi_c.detach().mean()}
 
 
-OBJECTIVES = {"lm": lm_step, "preference": preference_step}
+def reward_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry reward modelling: chosen and rejected sequences scored in one forward (one pass through the
+    body, as TRL's RewardTrainer does); the head reads the last non-pad token of each."""
+    ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    rewards = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()  # (2B,)
+    n = batch["chosen_input_ids"].shape[0]
+    r_c, r_r = rewards[:n], rewards[n:]
+    loss = REWARD_LOSSES[job["loss"]](r_c, r_r, margin=job.get("margin", 0.0),
+                                      center_coef=job.get("center_coef", 0.0)).mean()
+    r_c, r_r = r_c.detach(), r_r.detach()
+    return loss, {"loss": loss.detach(), "accuracy": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean(),
+                  "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean()}
+
+
+OBJECTIVES = {"lm": lm_step, "preference": preference_step, "reward": reward_step}
