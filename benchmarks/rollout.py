@@ -2,7 +2,7 @@
 
 Same model, same prompts (the held-out task prompts, chat template), k samples per prompt at temperature 1, up to
 `--max-tokens` new tokens (responses stop at end-of-turn, so their lengths vary). Measured in one run:
-  1. bare vLLM: `vllm.LLM` in this process tree (a spawned child, so it does not share Ray's CPUs), token prompts;
+  1. bare vLLM: `vllm.LLM` in this process (shut down before Ray starts, so the two never share the cores);
   2. raylm: `RolloutClient.sample` through deployment handles to `--replicas` Serve replicas (what the learner calls);
   3. HF `generate` (do_sample, num_return_sequences=k, left padding, batches of `--hf-batch` prompts);
   4. weight sync: `RolloutClient.push_weights` (object store -> replica -> /dev/shm -> vLLM reload) against the
@@ -14,7 +14,6 @@ Prints generated tokens/s for each and the ratios; paste the table into benchmar
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import time
 
@@ -30,7 +29,9 @@ def prompts_for(model: str, n: int) -> list[list[int]]:
                                         tokenize=False), add_special_tokens=False)["input_ids"] for q in qs]
 
 
-def _bare_vllm(model, prompts, params, engine_kwargs, repeats, out):
+def bare_vllm(model, prompts, params, engine_kwargs, repeats):
+    import gc
+
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -44,17 +45,10 @@ def _bare_vllm(model, prompts, params, engine_kwargs, repeats, out):
         res = llm.generate(toks, sp, use_tqdm=False)
         times.append(time.perf_counter() - t0)
         counts.append(sum(len(c.token_ids) for r in res for c in r.outputs))
-    out.put((times, counts))
-
-
-def bare_vllm(model, prompts, params, engine_kwargs, repeats):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_bare_vllm, args=(model, prompts, params, engine_kwargs, repeats, q))
-    p.start()
-    res = q.get()
-    p.join()
-    return res
+    llm.llm_engine.engine_core.shutdown()  # free its memory and cores before the Serve replicas start
+    del llm
+    gc.collect()
+    return times, counts
 
 
 def serve_rollouts(model, prompts, params, engine_kwargs, repeats, replicas, sync_repeats):
