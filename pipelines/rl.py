@@ -177,7 +177,7 @@ def deploy_rollouts(run, model_uri: str, cfg: Config) -> dict:
     app_name = f"rollout-{run.id}"
     store_name = f"weights-{run.id}"
     store = create_weight_store(store_name)  # the driver holds the handle: the actor lives as long as the run
-    serve.start(http_options={"location": "NoServer"})  # handles only: no HTTP port to clash with `serve`
+    serve.start(http_options={"location": "NoServer"})  # handles only (ignored when Serve is already running)
     resources = {"raylm_rollout": 1} if cfg.rollout.placement == "separate" else None
     app = build_rollout_app(model_uri, "policy", store_name, accelerator=cfg.rollout.accelerator,
                             replicas=cfg.rollout.replicas, engine_kwargs=cfg.rollout.engine_kwargs,
@@ -201,6 +201,9 @@ def body(run, inputs, cfg: Config) -> None:
         if train.count() == 0 or not held_rows:
             raise RunError(f"{STAGE}: no prompts left after skipping those longer than max_prompt_len="
                            f"{cfg.max_prompt_len} tokens ({skipped} train, {skipped_h} held-out skipped)")
+    from serve.rollout import serve_running
+
+    serve_was_running = serve_running()
     with run.time("deploy_s"):
         rollout, store = deploy_rollouts(run, model_uri, cfg)
     job = {**rollout, "algorithm": cfg.algorithm, "group_size": cfg.group_size, "kl": cfg.kl.model_dump(),
@@ -230,6 +233,8 @@ def body(run, inputs, cfg: Config) -> None:
     finally:
         serve.delete(rollout["app_name"])
         ray.kill(store)
+        if not serve_was_running:  # we started Serve (without HTTP): stop it, so a later `serve` stage starts its own
+            serve.shutdown()
     save(run, out, cfg, held_rows, n_train, skipped, skipped_h)
 
 

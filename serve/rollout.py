@@ -235,6 +235,17 @@ class RolloutClient:
         return broadcast(self.handle, "get_weight_version")
 
 
+def serve_running() -> bool:
+    """Whether a Serve controller is up (without starting one, which `serve.status()` would do)."""
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
 def create_weight_store(name: str):
     return WeightStore.options(name=name, namespace=STORE_NAMESPACE, lifetime=None).remote()
 
