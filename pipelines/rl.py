@@ -111,6 +111,10 @@ class Config(StageConfig):
     def _consistent(self):
         if self.group_size < 2 and self.algorithm != "ppo":
             raise ValueError(f"group_size must be >= 2 for {self.algorithm} (advantages are relative to the group)")
+        context = self.rollout.engine_kwargs.get("max_model_len")
+        if context and self.max_prompt_len + self.max_new_tokens > context:
+            raise ValueError(f"max_prompt_len + max_new_tokens = {self.max_prompt_len + self.max_new_tokens} exceeds "
+                             f"the rollout engine's context rollout.engine_kwargs.max_model_len={context}")
         if self.lora and self.resources.strategy == "fsdp2" and self.resources.num_workers > 1:
             raise ValueError("rl with lora needs resources.strategy=ddp (merging adapters for the weight push "
                              "is not done on FSDP2 shards)")

@@ -44,6 +44,7 @@ def _rl(*overrides):
     ("kl.controller=adaptive", "needs kl.target"),
     ("group_size=1", "group_size must be >= 2"),
     ("rollout.placement=far", "rollout.placement"),
+    ("max_prompt_len=250", "exceeds the rollout engine's context rollout.engine_kwargs.max_model_len=256"),
 ])
 def test_bad_rl_config_is_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -63,6 +63,8 @@ def test_code_tests_passes_correct_and_fails_wrong():
     assert R.REWARDS["code_tests"]("p", "def add(a, b):\n    return a + b\n", record) == 1.0
     assert R.REWARDS["code_tests"]("p", "def add(a, b):\n    return a - b\n", record) == 0.0
     assert R.REWARDS["code_tests"]("p", "def add(a, b) return", record) == 0.0  # syntax error
+    with pytest.raises(ValueError, match="no `tests`"):  # a task without asserts is a failure, not a free 1.0
+        R.REWARDS["code_tests"]("p", "print(1)", {"answer": ""})
 
 
 @pytest.mark.skipif(R.resource is None, reason="no RLIMIT_AS here")

@@ -127,7 +127,9 @@ def code_tests(prompt: str, response: str, record: dict, timeout: float = 5.0, m
     directory, stdout/stderr discarded, address space limited to `memory_mb` (where RLIMIT_AS is supported), in its
     own process group. Past `timeout` seconds the whole group is killed and `RewardTimeout` is raised.
     """
-    program = extract_code(response).rstrip() + "\n\n" + str(record.get("tests", "")) + "\n"
+    if not str(record.get("tests") or "").strip():  # running the answer with no asserts would reward any program
+        raise ValueError("code_tests: the record has no `tests` to run")
+    program = extract_code(response).rstrip() + "\n\n" + str(record["tests"]) + "\n"
     preexec = _limit_memory(int(memory_mb) * 1024 * 1024) if resource is not None and memory_mb else None
     with tempfile.TemporaryDirectory(prefix="raylm-code-") as tmp:
         path = os.path.join(tmp, "solution.py")
