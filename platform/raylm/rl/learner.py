@@ -219,6 +219,8 @@ def rl_loop_per_worker(job: dict) -> None:
                 loss = loss * 0.0
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, oc["grad_clip"])
+            if critic is not None:
+                torch.nn.utils.clip_grad_norm_(params_v, oc["grad_clip"])
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
             opt.step()
@@ -264,7 +266,7 @@ def rl_loop_per_worker(job: dict) -> None:
                        heldout_greedy_reward_after=after["heldout_reward_greedy"], answers_after=after["answers"],
                        replica_versions=client.versions())
         history[-1]["heldout_reward"] = after["heldout_reward_sampled"]
-    state = policy_state(policy, job) if job.get("lora") else full_state_dict(policy, job["strategy"])
+    state = policy_state(policy, job)
     final = {"train_s": round(time.time() - t_start, 2), "params": n_params, "trainable_params": n_trainable,
              "weight_version": version, "world_size": world, "reward_failures": failures_total, **summary}
     with tempfile.TemporaryDirectory() as tmp:
