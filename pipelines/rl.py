@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 
 import pyarrow.parquet as pq
 import ray
@@ -124,20 +125,25 @@ class Config(StageConfig):
 def check(inputs, cfg: Config) -> None:
     require_paths(STAGE, inputs["dataset"].uri, {"train_split": cfg.train_split, "heldout_split": cfg.heldout_split})
     for key, split in (("train_split", cfg.train_split), ("heldout_split", cfg.heldout_split)):
-        if pq.read_metadata(_first_file(f"{inputs['dataset'].uri}/{split}")).num_rows == 0:
+        if _num_rows(f"{inputs['dataset'].uri}/{split}") == 0:
             raise RunError(f"{STAGE}: {key}={split!r} has no prompts")
     if any(r.name == "reward_model" for r in cfg.rewards) and "reward_model" not in inputs:
         raise RunError(f"{STAGE}: a reward_model reward needs inputs.reward_model=RUN_ID (a `reward` run)")
 
 
-def _first_file(uri: str) -> str:
+def _num_rows(uri: str) -> int:
+    """Rows in a split's Parquet files, from their footers (nothing is read)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
     files = sorted(f for f in fs.find(path) if f.endswith(".parquet"))
     if not files:
         raise RunError(f"{STAGE}: no parquet files in {uri}")
-    return files[0] if "://" not in uri else f"{uri.split('://')[0]}://{files[0]}"
+    rows = 0
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    return rows
 
 
 class PromptIds:
@@ -175,23 +181,53 @@ def heldout_prompts(uri: str, tok_path: str, max_len: int, limit: int) -> tuple[
     return kept, len(rows) - len(kept)
 
 
-def deploy_rollouts(run, model_uri: str, cfg: Config) -> dict:
-    from serve.rollout import build_rollout_app, create_weight_store
+@contextmanager
+def rollout_engine(run, model_uri: str, cfg: Config):
+    """The rollout application and its weight store for the length of the run; yields what the learner needs to
+    reach them. Serve is stopped afterwards only if this run started it (a later `serve` stage then starts its
+    own, with HTTP; an endpoint someone else runs on the cluster is left alone)."""
+    from serve.rollout import build_rollout_app, create_weight_store, serve_running
 
-    app_name = f"rollout-{run.id}"
-    store_name = f"weights-{run.id}"
+    app_name, store_name = f"rollout-{run.id}", f"weights-{run.id}"
+    serve_was_running = serve_running()
     store = create_weight_store(store_name)  # the driver holds the handle: the actor lives as long as the run
-    serve.start(http_options={"location": "NoServer"})  # handles only (ignored when Serve is already running)
-    resources = {"raylm_rollout": 1} if cfg.rollout.placement == "separate" else None
-    app = build_rollout_app(model_uri, "policy", store_name, accelerator=cfg.rollout.accelerator,
-                            replicas=cfg.rollout.replicas, engine_kwargs=cfg.rollout.engine_kwargs,
-                            replica_resources=resources)
-    serve.run(app, name=app_name, route_prefix=None)
-    return {"app_name": app_name, "model_id": "policy", "weight_store": store_name}, store
+    try:
+        serve.start(http_options={"location": "NoServer"})  # handles only (ignored when Serve is already running)
+        resources = {"raylm_rollout": 1} if cfg.rollout.placement == "separate" else None
+        app = build_rollout_app(model_uri, "policy", store_name, accelerator=cfg.rollout.accelerator,
+                                replicas=cfg.rollout.replicas, engine_kwargs=cfg.rollout.engine_kwargs,
+                                replica_resources=resources)
+        with run.time("deploy_s"):
+            serve.run(app, name=app_name, route_prefix=None)
+        yield {"app_name": app_name, "model_id": "policy", "weight_store": store_name}
+    finally:
+        serve.delete(app_name)
+        ray.kill(store)
+        if not serve_was_running:
+            serve.shutdown()
+
+
+def learner_job(inputs, cfg: Config, held_rows: list[dict]) -> dict:
+    """Everything the Ray Train workers need besides the rollout engine's names (plain data, shipped once)."""
+    model_uri = inputs["model"].uri
+    return {"algorithm": cfg.algorithm, "group_size": cfg.group_size, "kl": cfg.kl.model_dump(),
+            "prompts_per_step": cfg.prompts_per_step, "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
+            "heldout_samples": cfg.heldout_samples,
+            "sampling": {"n": cfg.group_size, "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                         "top_p": cfg.top_p},
+            "clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "ppo_epochs": cfg.ppo_epochs,
+            "entropy_coef": cfg.entropy_coef, "value_coef": cfg.value_coef, "value_clip": cfg.value_clip,
+            "gamma": cfg.gamma, "lam": cfg.lam, "overlong_cache": cfg.overlong_cache, "stale": cfg.stale,
+            "rewards": [r.model_dump() for r in cfg.rewards],
+            "reward_model_path": inputs["reward_model"].uri if "reward_model" in inputs else None,
+            "chunk_size": cfg.rollout.chunk_size, "max_retries": cfg.rollout.max_retries,
+            "model": {"path": model_uri, "preset": None}, "lora": cfg.lora.model_dump() if cfg.lora else None,
+            "optim": cfg.optim.model_dump(), "seed": cfg.seed, "train": {"seed": cfg.seed},
+            "strategy": cfg.resources.strategy, "heldout": held_rows}
 
 
 def body(run, inputs, cfg: Config) -> None:
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raylm.rl.learner import rl_loop_per_worker
@@ -205,40 +241,17 @@ def body(run, inputs, cfg: Config) -> None:
         if train.count() == 0 or not held_rows:
             raise RunError(f"{STAGE}: no prompts left after skipping those longer than max_prompt_len="
                            f"{cfg.max_prompt_len} tokens ({skipped} train, {skipped_h} held-out skipped)")
-    from serve.rollout import serve_running
-
-    serve_was_running = serve_running()
-    with run.time("deploy_s"):
-        rollout, store = deploy_rollouts(run, model_uri, cfg)
-    job = {**rollout, "algorithm": cfg.algorithm, "group_size": cfg.group_size, "kl": cfg.kl.model_dump(),
-           "prompts_per_step": cfg.prompts_per_step, "max_steps": cfg.max_steps, "eval_every": cfg.eval_every,
-           "heldout_samples": cfg.heldout_samples,
-           "sampling": {"n": cfg.group_size, "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                        "top_p": cfg.top_p},
-           "clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "ppo_epochs": cfg.ppo_epochs,
-           "entropy_coef": cfg.entropy_coef, "value_coef": cfg.value_coef, "value_clip": cfg.value_clip,
-           "gamma": cfg.gamma, "lam": cfg.lam, "overlong_cache": cfg.overlong_cache, "stale": cfg.stale,
-           "rewards": [r.model_dump() for r in cfg.rewards],
-           "reward_model_path": inputs["reward_model"].uri if "reward_model" in inputs else None,
-           "chunk_size": cfg.rollout.chunk_size, "max_retries": cfg.rollout.max_retries,
-           "model": {"path": model_uri, "preset": None}, "lora": cfg.lora.model_dump() if cfg.lora else None,
-           "optim": cfg.optim.model_dump(), "seed": cfg.seed, "train": {"seed": cfg.seed},
-           "strategy": cfg.resources.strategy, "heldout": held_rows}
-    trainer = TorchTrainer(
-        rl_loop_per_worker, train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
-                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
-        run_config=RunConfig(name=run.id, storage_path=run.uri("train"),
-                             failure_config=FailureConfig(max_failures=cfg.resources.max_failures)),
-        datasets={"train": train}, dataset_config=FixedShards())
-    try:
+    with rollout_engine(run, model_uri, cfg) as rollout:
+        job = {**rollout, **learner_job(inputs, cfg, held_rows)}
+        trainer = TorchTrainer(
+            rl_loop_per_worker, train_loop_config=job,
+            scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
+                                         resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
+            run_config=RunConfig(name=run.id, storage_path=run.uri("train"),
+                                 failure_config=FailureConfig(max_failures=cfg.resources.max_failures)),
+            datasets={"train": train}, dataset_config=FixedShards())
         with run.time("train_s"):
             out = read_result(trainer.fit())
-    finally:
-        serve.delete(rollout["app_name"])
-        ray.kill(store)
-        if not serve_was_running:  # we started Serve (without HTTP): stop it, so a later `serve` stage starts its own
-            serve.shutdown()
     save(run, out, cfg, held_rows, n_train, skipped, skipped_h)
 
 
