@@ -155,6 +155,9 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
     client, prompts = rollout_app["client"], rollout_app["prompts"]
     version = max(client.versions())
     params = {"n": 8, "max_tokens": 32, "temperature": 1.0, "ignore_eos": True}
+    # 32 chunks of 2 prompts: the router spreads them over both replicas, so the killed one holds some (with 8
+    # chunks one run put none on the replica that was then killed, and nothing needed a retry)
+    client.chunk_size = 2
     pending = client.submit(prompts, params, version)
     replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::rollout-test#")]
