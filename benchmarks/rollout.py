@@ -53,7 +53,6 @@ def bare_vllm(model, prompts, params, engine_kwargs, repeats):
 
 def serve_rollouts(model, prompts, params, engine_kwargs, repeats, replicas, sync_repeats):
     import ray
-    import torch
     from ray import serve
 
     from raylm.cluster import init_ray
