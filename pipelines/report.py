@@ -401,10 +401,18 @@ def section_eval(m: Manifest) -> str:
 def section_serve(m: Manifest) -> str:
     x, c = m.metrics, m.config
     engine = {**c.get("engine_kwargs", {}), "accelerator": c.get("accelerator"),
-              "replicas (min-max)": f"{c.get('min_replicas')}-{c.get('max_replicas')}"}
+              "replicas (min-max)": f"{c.get('min_replicas')}-{c.get('max_replicas')}",
+              "running replicas": x.get("replicas"), **x.get("engine_config", {})}
     result = pick(x, "engine", "url", "model_id", "deploy_s", "completion_latency_ms", "chat_latency_ms",
-                  "completion", "chat", "bad_request_status", "status_after_bad_request")
-    return f"<h2>10. Serving</h2>{run_header(m)}{kv_table(result)}<h3>Engine settings</h3>{kv_table(engine)}"
+                  "stream_ttft_ms", "completion", "chat", "bad_request_status", "status_after_bad_request")
+    st = x.get("endpoint_stats", {})
+    stats = [{"metric": k, **st.get(k, {})} for k in ("ttft_ms", "tpot_ms", "latency_ms") if st.get(k)]
+    counts = {"requests": st.get("requests"), "errors by status": st.get("errors"), "error rate": st.get("error_rate"),
+              "output tokens/s (last 60 s)": st.get("output_tokens_per_s")}
+    return (f"<h2>10. Serving</h2>{run_header(m)}{kv_table(result)}<h3>Engine settings</h3>{kv_table(engine)}"
+            f"<h3>Endpoint metrics during the smoke test (ms)</h3>{kv_table(counts)}{grid(stats)}"
+            "<p>A long-running endpoint: <code>raylm serve MODEL</code>, metrics with <code>raylm serve-stats URL"
+            "</code>, load with <code>raylm loadtest URL</code>.</p>")
 
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"

@@ -1,8 +1,9 @@
-"""serve: deploy a model behind an OpenAI-compatible endpoint (Ray Serve + vLLM) and exercise it over HTTP.
+"""serve: the recorded smoke test of the production endpoint (`raylm serve`, `serve/endpoint.py`).
 
-Deploys with `ray.serve.llm`, waits until `/v1/models` lists the model, sends one completion, one chat request
-and one bad request (which must get a 4xx while the server stays up), records latencies and answers, then
-shuts the application down (or keeps it running with `keep_running=true`).
+Deploys the same application `raylm serve` deploys, waits until `/v1/models` lists the model, sends one
+completion, one chat request and one bad request (which must get a 4xx while the server stays up), records
+latencies, answers, the engine's configuration and the endpoint's metrics summary, then shuts the application
+down (or keeps it running with `keep_running=true`). For a long-running endpoint use `raylm serve MODEL`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import urllib.request
 from ray import serve
 
 from raylm.config import StageConfig
-from serve.app import build_app
+from serve.endpoint import Autoscaling, EndpointConfig, build_endpoint
+from serve.stats import drop_stats_actor
 
 STAGE = "serve"
 INPUTS = {"model": ("model",)}
@@ -53,6 +55,19 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -
         return err.code, payload, time.time() - t0
 
 
+def stream_first_token(url: str, body: dict) -> tuple[float, int]:
+    """(ms to the first streamed token, number of data chunks) for one streamed request."""
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    t0, first, chunks = time.time(), None, 0
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        for line in resp:
+            if line.startswith(b"data: {"):
+                chunks += 1
+                first = first or time.time()
+    return round(1000 * ((first or time.time()) - t0), 1), chunks
+
+
 def wait_ready(base: str, model_id: str, timeout: float) -> float:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -77,6 +92,8 @@ def exercise(base: str, cfg: Config) -> dict:
         "max_tokens": cfg.max_tokens, "temperature": 0})
     if status != 200:
         raise RuntimeError(f"chat request failed with HTTP {status}: {chat}")
+    stream_ttft_ms, chunks = stream_first_token(f"{base}/v1/completions", {
+        "model": cfg.model_id, "prompt": cfg.prompt, "max_tokens": cfg.max_tokens, "temperature": 0})
     bad_status, bad_body, _ = http("POST", f"{base}/v1/completions", {
         "model": cfg.model_id, "prompt": cfg.prompt, "max_tokens": -5})
     after_status, _, _ = http("GET", f"{base}/v1/models")
@@ -85,6 +102,7 @@ def exercise(base: str, cfg: Config) -> dict:
         "completion_usage": comp.get("usage"),
         "chat": chat["choices"][0]["message"]["content"], "chat_latency_ms": round(t_chat * 1000, 1),
         "chat_usage": chat.get("usage"),
+        "stream_ttft_ms": stream_ttft_ms, "stream_chunks": chunks,
         "bad_request_status": bad_status, "bad_request_error": str(bad_body)[:300],
         "status_after_bad_request": after_status,
     }
@@ -94,21 +112,28 @@ def body(run, inputs, cfg: Config) -> None:
     model_uri = inputs["model"].uri
     base = f"http://{cfg.host}:{cfg.port}"
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    app = build_app(model_uri, cfg.model_id, accelerator=cfg.accelerator, min_replicas=cfg.min_replicas,
-                    max_replicas=cfg.max_replicas, engine_kwargs=cfg.engine_kwargs)
+    # The smoke test runs without API keys (it never reads $RAYLM_API_KEYS: the env name below is unset).
+    endpoint = EndpointConfig(model_id=cfg.model_id, accelerator=cfg.accelerator, engine_kwargs=cfg.engine_kwargs,
+                              host=cfg.host, port=cfg.port, api_keys_env="RAYLM_SMOKE_TEST_NO_KEYS",
+                              autoscaling=Autoscaling(min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas))
     t0 = time.time()
-    serve.run(app, name="raylm", route_prefix="/", blocking=False)
+    serve.run(build_endpoint(endpoint, {endpoint.version: model_uri}), name="raylm", route_prefix="/",
+              blocking=False)
     try:
         ready_s = wait_ready(base, cfg.model_id, cfg.ready_timeout_s)
         deploy_s = time.time() - t0
         results = exercise(base, cfg)
+        time.sleep(1.5)  # replicas ship their request samples every second
+        _, stats, _ = http("GET", f"{base}/raylm/stats")
     finally:
         if not cfg.keep_running:
             serve.delete("raylm")
             serve.shutdown()
+            drop_stats_actor(endpoint.app_name)
     record = {"url": base, "model_id": cfg.model_id, "model": model_uri, "engine": "vllm",
               "deploy_s": round(deploy_s, 1), "ready_wait_s": round(ready_s, 1), **results,
-              "kept_running": cfg.keep_running}
+              "kept_running": cfg.keep_running, "engine_config": stats.get("engine", {}),
+              "endpoint_stats": stats.get("total", {}), "replicas": stats.get("replicas", {})}
     local = run.local_dir("endpoint") or tempfile.mkdtemp()
     with open(os.path.join(local, "endpoint.json"), "w") as f:
         json.dump(record, f, indent=1)

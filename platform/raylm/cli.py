@@ -64,6 +64,33 @@ def cmd_report(args) -> None:
     print(RunStore(cfg.root).load(run_id).metrics.get("index"))
 
 
+def cmd_serve(args) -> None:
+    from serve.main import main as serve_main
+
+    if args.model and "=" in args.model and not os.path.isdir(args.model):  # `raylm serve --config X k=v`
+        args.overrides, args.model = [args.model, *args.overrides], None
+    serve_main(args.model, args.config, list(args.overrides) + ([f"root={args.root}"] if args.root else []),
+               emit=args.emit_config)
+
+
+def cmd_serve_stats(args) -> None:
+    from serve.stats import fetch, format_summary
+
+    summary = fetch(args.url, args.api_key or _first_key())
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+
+
+def cmd_loadtest(args) -> None:
+    from serve.loadtest import main as loadtest_main
+
+    loadtest_main(args.argv)
+
+
+def _first_key() -> str | None:
+    keys = [k for k in os.environ.get("RAYLM_API_KEYS", "").split(",") if k.strip()]
+    return os.environ.get("RAYLM_API_KEY") or (keys[0].strip() if keys else None)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raylm", description="Ray-native LLM lifecycle platform")
     root_help = "run store: local dir or fsspec URI (default $RAYLM_ROOT or ./runs)"
@@ -93,6 +120,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--lineage", action="store_true", help="walk from this run back to the data")
     p.set_defaults(fn=cmd_show)
+    p = add("serve", help="serve a model (run id, latest/STAGE or HF dir) on an OpenAI-compatible endpoint")
+    p.add_argument("model", nargs="?", help="run id, latest/STAGE or a local HF directory (or ab.versions in config)")
+    p.add_argument("--config", help="endpoint YAML (serve/configs/)")
+    p.add_argument("--emit-config", metavar="OUT", help="write a Ray Serve config for `serve deploy` and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.set_defaults(fn=cmd_serve)
+    p = add("serve-stats", help="summarise a running endpoint's metrics")
+    p.add_argument("url")
+    p.add_argument("--api-key", help="default: $RAYLM_API_KEY or the first of $RAYLM_API_KEYS")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_serve_stats)
+    p = sub.add_parser("loadtest", help="bounded load test of an endpoint (see `raylm loadtest URL --help`)",
+                       add_help=False)
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_loadtest)
     p = add("report", help="build the HTML lineage report for a run")
     p.add_argument("run")
     p.set_defaults(fn=cmd_report)

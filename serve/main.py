@@ -1,0 +1,185 @@
+"""`raylm serve MODEL`: deploy the production endpoint, print where it answers, serve until interrupted.
+
+Also `--emit-config out.yaml`: the same application as a Ray Serve config file for `serve deploy` on a cluster
+(its `import_path` is `serve.main:app_builder`, so the cluster builds it with this same code).
+
+Ingress mode. Ray Serve's Python proxy costs a hop per streamed chunk; with HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`,
+set in the cluster's environment before it starts) HTTP goes from HAProxy straight to the vLLM replicas. HAProxy
+mode makes every replica's HTTP port listen on all interfaces, so `auto` picks it for a local cluster only when
+API keys are configured (the guard then covers every port) or `allow_unauthenticated_network=true`; otherwise
+the single-machine default stays on Serve's proxy bound to loopback. On an existing cluster the mode is the
+cluster's own (cluster.yaml sets it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from raylm.config import ConfigError, load_config
+from raylm.runs import RunError, RunStore
+from serve.endpoint import EndpointConfig, build_endpoint, describe
+from serve.guard import load_api_keys
+
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def resolve_model(ref: str, root: str, role: str = "model", kind: str = "model") -> str:
+    """A run id / `latest/STAGE` (its `model` or `adapter` artifact) or a local directory -> a path or URI."""
+    marker = "config.json" if kind == "model" else "adapter_config.json"
+    if os.path.isdir(ref):
+        if not os.path.isfile(os.path.join(ref, marker)):
+            raise ConfigError(f"{role}: directory {ref} has no {marker} (not a Hugging Face "
+                              f"{'model' if kind == 'model' else 'PEFT adapter'} directory)")
+        return os.path.abspath(ref)
+    try:
+        return RunStore(root).resolve(role, ref, (kind,)).uri
+    except (RunError, FileNotFoundError) as exc:
+        raise ConfigError(f"{role}: {ref!r} is neither a local directory nor a run with a {kind} artifact in "
+                          f"{root} ({exc})") from None
+
+
+def resolve_all(cfg: EndpointConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(version -> model path, adapter name -> adapter path), every reference checked before anything starts."""
+    if cfg.ab is not None:
+        models = {v.name: resolve_model(v.model, cfg.root, f"ab.versions.{v.name}.model") for v in cfg.ab.versions}
+    elif cfg.model:
+        models = {cfg.version: resolve_model(cfg.model, cfg.root)}
+    else:
+        raise ConfigError("model: give MODEL (a run id, latest/STAGE or a local HF directory) or ab.versions")
+    adapters = {name: resolve_model(ref, cfg.root, f"lora.adapters.{name}", "adapter")
+                for name, ref in cfg.lora.adapters.items()}
+    for name, path in adapters.items():
+        _check_adapter(name, path)
+    return models, adapters
+
+
+def _check_adapter(name: str, path: str) -> None:
+    """vLLM serves LoRA weights only; an adapter that also trained whole modules needs its merged model."""
+    from raylm.runs import local_path
+
+    with open(os.path.join(local_path(path), "adapter_config.json")) as f:
+        ac = json.load(f)
+    if ac.get("peft_type") != "LORA":
+        raise ConfigError(f"lora.adapters.{name}: {ac.get('peft_type')} adapters cannot be served by vLLM (LoRA only)")
+    if ac.get("modules_to_save"):
+        raise ConfigError(f"lora.adapters.{name}: the adapter also trains {ac['modules_to_save']} in full "
+                          "(PEFT modules_to_save), which vLLM cannot serve as a LoRA; serve that SFT run's merged "
+                          "model instead, or train the adapter with lora.modules_to_save=[]")
+
+
+def ingress_mode(cfg: EndpointConfig, local: bool) -> str:
+    if not local:
+        return "cluster"
+    if cfg.ingress != "auto":
+        if cfg.ingress == "haproxy" and not (load_api_keys(cfg.api_keys_env, cfg.api_keys_file)
+                                             or cfg.allow_unauthenticated_network):
+            raise ConfigError("ingress: haproxy exposes every replica's port on all interfaces; configure API keys "
+                              f"(${cfg.api_keys_env} or api_keys_file) or set allow_unauthenticated_network=true")
+        return cfg.ingress
+    keys = load_api_keys(cfg.api_keys_env, cfg.api_keys_file)
+    return "haproxy" if keys or cfg.allow_unauthenticated_network else "proxy"
+
+
+def wait_ready(base: str, model_id: str, timeout: float, api_key: str | None = None) -> float:
+    t0 = time.time()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    while time.time() - t0 < timeout:
+        try:
+            req = urllib.request.Request(f"{base}/v1/models", headers=headers)
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                if any(m.get("id") == model_id for m in json.loads(resp.read()).get("data", [])):
+                    return time.time() - t0
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, OSError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"endpoint {base} did not list model {model_id!r} within {timeout:.0f}s")
+
+
+def deploy(cfg: EndpointConfig, models: dict[str, str], adapters: dict[str, str]) -> float:
+    """Deploy on the connected cluster; returns seconds until `/v1/models` lists the model."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_endpoint(cfg, models, adapters), name=cfg.app_name, route_prefix="/", blocking=False)
+    keys = load_api_keys(cfg.api_keys_env, cfg.api_keys_file)
+    return wait_ready(f"http://{_client_host(cfg.host)}:{cfg.port}", cfg.model_id, cfg.ready_timeout_s,
+                      keys[0] if keys else None)
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def shutdown(cfg: EndpointConfig) -> None:
+    from ray import serve
+
+    from serve.stats import drop_stats_actor
+
+    try:
+        serve.delete(cfg.app_name)
+        serve.shutdown()
+    finally:
+        drop_stats_actor(cfg.app_name)
+
+
+def app_builder(args: dict):
+    """Ray Serve application builder for `serve deploy` (see `--emit-config`)."""
+    cfg = load_config(EndpointConfig, args["config"])
+    return build_endpoint(cfg, args["models"], args.get("adapters") or None)
+
+
+def emit_config(cfg: EndpointConfig, models: dict, adapters: dict, out: str) -> None:
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{
+            "name": cfg.app_name, "route_prefix": "/", "import_path": "serve.main:app_builder",
+            # the cluster's nodes have the project installed (cluster.yaml); keys come from each node's environment
+            "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            "args": {"config": json.loads(cfg.model_dump_json()), "models": models, "adapters": adapters},
+        }],
+    }
+    Path(out).write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def main(model: str | None, config: str | None, overrides: list[str], emit: str | None = None) -> None:
+    import ray
+
+    from raylm.cluster import init_ray
+
+    sets = ([f"model={model}"] if model else []) + list(overrides)
+    cfg = load_config(EndpointConfig, config, sets)
+    models, adapters = resolve_all(cfg)
+    if emit:
+        emit_config(cfg, models, adapters, emit)
+        print(f"wrote Ray Serve config for {cfg.app_name} to {emit} (deploy with: serve deploy {emit})")
+        return
+    local = not os.environ.get("RAY_ADDRESS")
+    mode = ingress_mode(cfg, local)
+    if mode == "haproxy":
+        os.environ.update(HAPROXY_ENV)  # inherited by the local cluster's processes started below
+    init_ray()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ready_s = deploy(cfg, models, adapters)
+        url = f"http://{_client_host(cfg.host)}:{cfg.port}/v1"
+        print(f"serving {cfg.model_id} at {url}", flush=True)
+        print(json.dumps({"ready_s": round(ready_s, 1), "ingress": mode, "versions": list(models),
+                          "adapters": list(adapters), "settings": describe(cfg)}), file=sys.stderr, flush=True)
+        while not stop.wait(1.0):
+            pass
+        print("shutting down", file=sys.stderr, flush=True)
+    finally:
+        shutdown(cfg)
+        ray.shutdown()
