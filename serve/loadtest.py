@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="raylm loadtest", description=__doc__.split("\n")[0])
     ap.add_argument("url", metavar="URL", help="endpoint base, e.g. http://127.0.0.1:8000 (or .../v1)")
     ap.add_argument("--model", help="model id (default: first of GET /v1/models)")
-    ap.add_argument("--api-key", default=os.environ.get("RAYLM_API_KEY"), help="bearer key (default $RAYLM_API_KEY)")
+    env_keys = [k.strip() for k in os.environ.get("RAYLM_API_KEYS", "").split(",") if k.strip()]
+    ap.add_argument("--api-key", default=os.environ.get("RAYLM_API_KEY") or (env_keys[0] if env_keys else None),
+                    help="bearer key (default $RAYLM_API_KEY, else the first of $RAYLM_API_KEYS)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=64, help=f"requests to send (max {MAX_REQUESTS})")
     ap.add_argument("--duration", type=float, help="stop sending after this many seconds")

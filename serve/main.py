@@ -175,8 +175,11 @@ def main(model: str | None, config: str | None, overrides: list[str], emit: str 
         ready_s = deploy(cfg, models, adapters)
         url = f"http://{_client_host(cfg.host)}:{cfg.port}/v1"
         print(f"serving {cfg.model_id} at {url}", flush=True)
+        # Prometheus targets: each node's metrics agent (also in /tmp/ray/prom_metrics_service_discovery.json)
+        targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n.get("Alive")]
         print(json.dumps({"ready_s": round(ready_s, 1), "ingress": mode, "versions": list(models),
-                          "adapters": list(adapters), "settings": describe(cfg)}), file=sys.stderr, flush=True)
+                          "adapters": list(adapters), "prometheus_targets": targets, "settings": describe(cfg)}),
+              file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass
         print("shutting down", file=sys.stderr, flush=True)

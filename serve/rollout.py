@@ -1,8 +1,9 @@
 """The RL rollout engine: N vLLM replicas as a Ray Serve application, sampled through deployment handles, with
 weights updated in place after every learner step.
 
-This is the one file that touches Ray Serve LLM internals (`LLMServer`, `build_llm_deployment`, the replica
-broadcast helper) and vLLM's engine client; a Ray upgrade that moves them changes this file only. The learner sees
+This file and `serve/endpoint.py` are the only ones that touch Ray Serve LLM internals (`LLMServer`,
+`build_llm_deployment`, the replica broadcast helper, `OpenAiIngress`) and vLLM's engine client; a Ray upgrade that
+moves them changes these two files only. The learner sees
 `RolloutClient.sample(...)` and `RolloutClient.push_weights(...)`.
 
 Weight flow (CPU and single-node GPU): the learner puts the state dict in the object store once and records it in a

@@ -318,6 +318,14 @@ def test_metrics_summary_and_cli(endpoint):
     assert v1["ttft_ms"]["p50"] > 0 and v1["tpot_ms"]["p99"] >= v1["tpot_ms"]["p50"] > 0
     assert v1["latency_ms"]["p99"] >= v1["latency_ms"]["p95"] >= v1["latency_ms"]["p50"]
     assert stats["engine"]["max_model_len"] == 256 and stats["engine"]["enable_lora"] is True
+    # the same requests in Prometheus format from the node's Ray metrics agent (exported every ~10 s)
+    status_line = next(json.loads(ln) for ln in endpoint.log.read_text().splitlines() if '"prometheus_targets"' in ln)
+    target = status_line["prometheus_targets"][0]
+
+    def scraped():
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as resp:
+            return [ln for ln in resp.read().decode().splitlines() if ln.startswith("ray_raylm_serve_requests")]
+    _wait(lambda: any('status="401"' in ln for ln in scraped()), 60, "raylm_serve_requests in Prometheus")
     out = subprocess.run([RAYLM, "serve-stats", base, "--api-key", KEYS[0]], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "ttft p50" in out.stdout and "v1" in out.stdout, out.stderr
