@@ -123,7 +123,7 @@ def main() -> None:
         results["raylm (Serve proxy)"] = raylm(args, args.port + 2, "proxy")
     base = results["bare vLLM"]
     print(f"\nstreaming {args.output_len}-token completions, prompt {args.input_len} words, loopback\n")
-    print(f"| server | c | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | output tok/s | TTFT p50 ratio | tok/s ratio |")
+    print("| server | c | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | output tok/s | TTFT p50 ratio | tok/s ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         for c, m in r.items():

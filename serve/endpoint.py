@@ -17,9 +17,9 @@ LoRA adapters are vLLM LoRA requests resolved on first use by a vLLM `LoRAResolv
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-import os
 import random
 from typing import Literal
 
@@ -29,9 +29,6 @@ from raylm.config import ConfigError, Section
 from serve.app import llm_config
 from serve.guard import VERSION_HEADER, Guard, load_api_keys
 from serve.stats import Recorder, stats_actor
-
-RESERVED_ROUTES = ("/ready", "/raylm/stats")
-
 
 class Autoscaling(Section):
     min_replicas: int = 1
@@ -113,7 +110,9 @@ def _adapter_resolver(adapters: dict[str, str]):
             uri = adapters.get(lora_name)
             if uri is None:
                 return None
-            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=local_path(uri))
+            # a remote adapter is fetched to this node once; off the event loop, which serves other requests
+            path = await asyncio.to_thread(local_path, uri)
+            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=path)  # vLLM assigns the real id
 
     return RunAdapterResolver()
 
@@ -313,5 +312,3 @@ def describe(cfg: EndpointConfig) -> dict:
     d["auth"] = "api keys" if load_api_keys(cfg.api_keys_env, cfg.api_keys_file) else "none"
     return d
 
-
-os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
