@@ -22,6 +22,7 @@ PUBLIC_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/heal
                  "/metrics", "/raylm/stats", "/tokenize", "/detokenize")
 OPEN_ROUTES = ("/health", "/ready")  # probes of load balancers and Kubernetes carry no key
 VERSION_HEADER = "x-raylm-version"
+UNROUTED = "unrouted"  # metrics label of requests refused before the A/B ingress chose a version
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
                404: "NotFoundError", 405: "MethodNotAllowedError", 413: "RequestTooLargeError",
                415: "UnsupportedMediaTypeError", 422: "BadRequestError", 429: "RateLimitError"}
@@ -79,6 +80,18 @@ class Guard:
     the header itself). `recorder` (default: the replica's `serve.stats.Recorder`) gets one `record(version,
     status, ttft_s, latency_s, output_tokens, stream)` per API request, rejected ones included."""
 
+    def __init__(self, app, *, api_keys_env: str = "RAYLM_API_KEYS", api_keys_file: str | None = None,
+                 version: str | None = None, max_body_bytes: int = 1 << 20, recorder=None,
+                 extra_routes: tuple[str, ...] = ()):
+        # Keys are read here, in the replica (Starlette builds the middleware stack on the first request), so they
+        # never travel in the application's arguments.
+        self.app = app
+        self.keys = [k.encode() for k in load_api_keys(api_keys_env, api_keys_file)]
+        self.version = version
+        self.max_body = max_body_bytes
+        self._recorder = recorder
+        self.routes = PUBLIC_ROUTES + tuple(extra_routes)
+
     @property
     def recorder(self):
         if self._recorder is None:
@@ -91,19 +104,7 @@ class Guard:
         await _respond(send, status, message, self.version)
         rec = self.recorder
         if rec is not None and scope["path"].startswith("/v1/"):
-            rec.record(self.version or "default", status, 0.0, 0.0, 0, False)
-
-    def __init__(self, app, *, api_keys_env: str = "RAYLM_API_KEYS", api_keys_file: str | None = None,
-                 version: str | None = None, max_body_bytes: int = 1 << 20, recorder=None,
-                 extra_routes: tuple[str, ...] = ()):
-        # Keys are read here, in the replica (Starlette builds the middleware stack on the first request), so they
-        # never travel in the application's arguments.
-        self.app = app
-        self.keys = [k.encode() for k in load_api_keys(api_keys_env, api_keys_file)]
-        self.version = version
-        self.max_body = max_body_bytes
-        self._recorder = recorder
-        self.routes = PUBLIC_ROUTES + tuple(extra_routes)
+            rec.record(self.version or UNROUTED, status, 0.0, 0.0, 0, False)
 
     def _authorized(self, scope) -> bool:
         if not self.keys:
@@ -215,7 +216,7 @@ class Guard:
                 end = time.perf_counter()
                 stream = bool(state.get("stream"))
                 tokens = state["chunks"] if stream else _completion_tokens(state["json"])
-                rec.record(state["version"] or "default", state["status"], (state["first"] or end) - t0, end - t0,
+                rec.record(state["version"] or UNROUTED, state["status"], (state["first"] or end) - t0, end - t0,
                            tokens, stream)
 
 

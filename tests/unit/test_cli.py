@@ -41,3 +41,14 @@ def test_root_after_the_subcommand_and_latest_stage_in_show(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "raylm.cli", "show", "latest/sft", "--root", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no succeeded sft run" in proc.stderr
+
+
+def test_serve_refuses_bad_models_before_starting_anything(tmp_path):
+    proc = raylm("serve", "latest/sft", root=tmp_path)
+    assert proc.returncode == 2 and "neither a local directory nor a run" in proc.stderr
+    proc = raylm("serve", "--config", "serve/configs/tiny.yaml", "port=9001", root=tmp_path)  # overrides, no MODEL
+    assert proc.returncode == 2 and "give MODEL" in proc.stderr
+    proc = raylm("serve", str(tmp_path), "autoscaling.max_replica=3", root=tmp_path)
+    assert proc.returncode == 2 and "autoscaling.max_replica" in proc.stderr
+    proc = raylm("loadtest", "http://10.1.2.3:8000", "--requests", "1", root=tmp_path)
+    assert proc.returncode == 2 and "non-loopback" in proc.stderr
