@@ -1,7 +1,7 @@
 """Build Ray Serve LLM applications for a model directory with `ray.serve.llm` (vLLM engine).
 
-One builder, two uses: the OpenAI-compatible endpoint (`build_app`, the `serve` stage) and the RL rollout engine
-(`serve/rollout.py`, same `llm_config` plus a weight-sync worker extension). The same code serves a tiny CPU model
+One builder, two uses: the production endpoint (`serve/endpoint.py`: `raylm serve` and the `serve` stage) and the RL
+rollout engine (`serve/rollout.py`, same `llm_config` plus a weight-sync worker extension). The same code serves a tiny CPU model
 in tests and a real checkpoint on GPU nodes: only `accelerator` and the engine kwargs change. On CPU, vLLM's
 `gpu_memory_utilization` is the fraction of host memory reserved for the KV cache (the default 0.92 fails on small
 machines, see FACTS.md).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve.llm import LLMConfig, build_openai_app
+from ray.serve.llm import LLMConfig
 
 CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}
 
@@ -36,6 +36,3 @@ def llm_config(model_path: str, model_id: str, accelerator: str = "cpu", min_rep
         engine_kwargs=engine,
     )
 
-
-def build_app(model_path: str, model_id: str, **kwargs):
-    return build_openai_app({"llm_configs": [llm_config(model_path, model_id, **kwargs)]})
