@@ -5,10 +5,12 @@ Also `--emit-config out.yaml`: the same application as a Ray Serve config file f
 
 Ingress mode. Ray Serve's Python proxy costs a hop per streamed chunk; with HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`,
 set in the cluster's environment before it starts) HTTP goes from HAProxy straight to the vLLM replicas. HAProxy
-mode makes every replica's HTTP port listen on all interfaces, so `auto` picks it for a local cluster only when
-API keys are configured (the guard then covers every port) or `allow_unauthenticated_network=true`; otherwise
-the single-machine default stays on Serve's proxy bound to loopback. On an existing cluster the mode is the
-cluster's own (cluster.yaml sets it).
+mode opens more ports: Ray documents the replicas' HTTP ports on all interfaces for multi-node clusters, and here
+(one node, host 127.0.0.1) the model ports stayed on loopback but HAProxy's stats (8404) and metrics (9101) pages
+listened on 0.0.0.0, and it takes port 8500 for Serve's fallback proxy. So `auto` picks HAProxy for a local cluster
+only when API keys are configured (the guard then covers every model port) or `allow_unauthenticated_network=true`;
+otherwise the single-machine default stays on Serve's proxy bound to loopback. On an existing cluster the mode is
+the cluster's own (cluster.yaml sets it).
 """
 from __future__ import annotations
 
@@ -89,6 +91,20 @@ def ingress_mode(cfg: EndpointConfig, local: bool) -> str:
     return "haproxy" if keys or cfg.allow_unauthenticated_network else "proxy"
 
 
+def haproxy_reserved_ports() -> dict[int, str]:
+    """Ports Ray Serve's HAProxy mode takes for itself on every node (each overridable by its variable)."""
+    names = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+             "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+    return {int(os.environ.get(n, d)): n for n, d in names.items()}
+
+
+def check_port(cfg: EndpointConfig, mode: str) -> None:
+    reserved = haproxy_reserved_ports() if mode in ("haproxy", "cluster") else {}
+    if cfg.port in reserved:
+        raise ConfigError(f"port: {cfg.port} is taken by Ray Serve's HAProxy mode ({reserved[cfg.port]}); "
+                          "choose another port")
+
+
 def wait_ready(base: str, model_id: str, timeout: float, api_key: str | None = None) -> float:
     t0 = time.time()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -165,6 +181,7 @@ def main(model: str | None, config: str | None, overrides: list[str], emit: str 
         return
     local = not os.environ.get("RAY_ADDRESS")
     mode = ingress_mode(cfg, local)
+    check_port(cfg, mode)
     if mode == "haproxy":
         os.environ.update(HAPROXY_ENV)  # inherited by the local cluster's processes started below
     init_ray()

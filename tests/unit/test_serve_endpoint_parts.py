@@ -11,7 +11,7 @@ import yaml
 from raylm.config import ConfigError, load_config
 from serve.endpoint import EndpointConfig
 from serve.guard import Guard, load_api_keys
-from serve.main import _check_adapter, emit_config, ingress_mode, resolve_all, resolve_model
+from serve.main import _check_adapter, check_port, emit_config, ingress_mode, resolve_all, resolve_model
 from serve.stats import ServeStats, percentiles
 
 
@@ -144,6 +144,9 @@ def test_ingress_choice_never_exposes_an_unauthenticated_port(monkeypatch):
     assert ingress_mode(EndpointConfig(ingress="haproxy", allow_unauthenticated_network=True), local=True) == "haproxy"
     monkeypatch.setenv("RAYLM_API_KEYS", "k")
     assert ingress_mode(cfg, local=True) == "haproxy"
+    with pytest.raises(ConfigError, match="RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):  # HAProxy mode's own port
+        check_port(EndpointConfig(port=8500), "haproxy")
+    check_port(EndpointConfig(port=8500), "proxy")
 
 
 def _model_dir(path):
