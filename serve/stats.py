@@ -163,8 +163,8 @@ class Recorder:
             batch, self.buffer = self.buffer, []
             try:
                 await self.actor.push.remote(self.replica, batch, self.inflight)
-            except Exception:  # the actor restarts (max_restarts=-1); keep the samples for the next flush
-                self.buffer = batch + self.buffer
+            except Exception:  # the actor restarts (max_restarts=-1); keep recent samples for the next flush
+                self.buffer = (batch + self.buffer)[-WINDOW:]
 
     async def summary(self) -> dict:
         return await self.actor.summary.remote()
