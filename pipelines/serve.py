@@ -18,6 +18,7 @@ from ray import serve
 
 from raylm.config import StageConfig
 from serve.endpoint import Autoscaling, EndpointConfig, build_endpoint
+from serve.main import wait_ready
 from serve.stats import drop_stats_actor
 
 STAGE = "serve"
@@ -66,19 +67,6 @@ def stream_first_token(url: str, body: dict) -> tuple[float, int]:
                 chunks += 1
                 first = first or time.time()
     return round(1000 * ((first or time.time()) - t0), 1), chunks
-
-
-def wait_ready(base: str, model_id: str, timeout: float) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            status, body, _ = http("GET", f"{base}/v1/models", timeout=5)
-            if status == 200 and any(m.get("id") == model_id for m in body.get("data", [])):
-                return time.time() - t0
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"endpoint {base} did not list model {model_id!r} within {timeout}s")
 
 
 def exercise(base: str, cfg: Config) -> dict:

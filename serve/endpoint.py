@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from raylm.config import ConfigError, Section
+from raylm.config import Section
 from serve.app import llm_config
 from serve.guard import VERSION_HEADER, Guard, load_api_keys
 from serve.stats import Recorder, stats_actor
@@ -95,6 +95,12 @@ class EndpointConfig(Section):
     api_keys_file: str | None = None
     max_body_bytes: int = 1 << 20
     ready_timeout_s: float = 900
+
+    @model_validator(mode="after")
+    def _adapters_need_one_version(self):
+        if self.ab is not None and self.lora.adapters:
+            raise ValueError("lora.adapters are served on a single-version endpoint, not with ab.versions")
+        return self
 
 
 # ---------------------------------------------------------------- replica side
@@ -269,22 +275,21 @@ def build_endpoint(cfg: EndpointConfig, models: dict[str, str], adapters: dict[s
     from ray import serve
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
     from ray.serve.config import RequestRouterConfig
     from ray.serve.experimental.round_robin_router import RoundRobinRouter
 
     stats_actor(cfg.app_name)
-    server = serve.ingress()(endpoint_server_cls()) if cfg.ab is None else endpoint_server_cls()
+    server = endpoint_server_cls()
     if cfg.ab is None:
         (version, path), = models.items()
         c = _llm_config(cfg, path, cfg.model_id, bool(adapters))
         return build_llm_deployment(
-            c, deployment_cls=server,
+            c, deployment_cls=serve.ingress()(server),
             bind_kwargs={"guard": _guard_opts(cfg), "version": version, "app_name": cfg.app_name,
                          "adapters": adapters or None},
             override_serve_options={"request_router_config": RequestRouterConfig(
                 request_router_class=RoundRobinRouter)})
-    if adapters:
-        raise ConfigError("lora.adapters: serve adapters on a single-version endpoint (not with ab.versions)")
     versions, handles, cards = [], {}, {}
     for v in cfg.ab.versions:
         model_id = f"{cfg.model_id}@{v.name}"
@@ -295,8 +300,6 @@ def build_endpoint(cfg: EndpointConfig, models: dict[str, str], adapters: dict[s
         cards[model_id] = to_model_metadata(model_id, c)
         versions.append({"name": v.name, "model_id": model_id, "weight": v.weight})
     ingress_cls, app = ab_ingress_cls()
-    from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
-
     app.add_middleware(Guard, **_guard_opts(cfg))  # instantiated in the replica, where it reads the keys
     ingress = make_fastapi_ingress(ingress_cls, app=app)
     return serve.deployment(ingress, max_ongoing_requests=1000, num_replicas=1,

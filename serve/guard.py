@@ -37,6 +37,11 @@ def load_api_keys(env_var: str = "RAYLM_API_KEYS", keys_file: str | None = None)
     return keys
 
 
+def client_key(env_var: str = "RAYLM_API_KEYS", keys_file: str | None = None) -> str | None:
+    """The key a client on this machine sends: $RAYLM_API_KEY, else the first configured server key."""
+    return os.environ.get("RAYLM_API_KEY") or next(iter(load_api_keys(env_var, keys_file)), None)
+
+
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
     etype = ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
     return json.dumps({"error": {"message": message, "type": etype, "param": param, "code": status}}).encode()

@@ -22,7 +22,6 @@ import contextlib
 import ipaddress
 import itertools
 import json
-import os
 import random
 import re
 import time
@@ -31,6 +30,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
+from serve.guard import client_key
 from vllm.benchmarks.lib.endpoint_request_func import (
     RequestFuncInput, RequestFuncOutput, async_request_openai_chat_completions,
     async_request_openai_completions)
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="raylm loadtest", description=__doc__.split("\n")[0])
     ap.add_argument("url", metavar="URL", help="endpoint base, e.g. http://127.0.0.1:8000 (or .../v1)")
     ap.add_argument("--model", help="model id (default: first of GET /v1/models)")
-    env_keys = [k.strip() for k in os.environ.get("RAYLM_API_KEYS", "").split(",") if k.strip()]
-    ap.add_argument("--api-key", default=os.environ.get("RAYLM_API_KEY") or (env_keys[0] if env_keys else None),
+    ap.add_argument("--api-key", default=client_key(),
                     help="bearer key (default $RAYLM_API_KEY, else the first of $RAYLM_API_KEYS)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=64, help=f"requests to send (max {MAX_REQUESTS})")

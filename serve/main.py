@@ -29,7 +29,7 @@ import yaml
 from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 from serve.endpoint import EndpointConfig, build_endpoint, describe
-from serve.guard import load_api_keys
+from serve.guard import client_key, load_api_keys
 
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
@@ -81,14 +81,13 @@ def _check_adapter(name: str, path: str) -> None:
 def ingress_mode(cfg: EndpointConfig, local: bool) -> str:
     if not local:
         return "cluster"
+    guarded = bool(load_api_keys(cfg.api_keys_env, cfg.api_keys_file)) or cfg.allow_unauthenticated_network
+    if cfg.ingress == "haproxy" and not guarded:
+        raise ConfigError("ingress: haproxy exposes every replica's port on all interfaces; configure API keys "
+                          f"(${cfg.api_keys_env} or api_keys_file) or set allow_unauthenticated_network=true")
     if cfg.ingress != "auto":
-        if cfg.ingress == "haproxy" and not (load_api_keys(cfg.api_keys_env, cfg.api_keys_file)
-                                             or cfg.allow_unauthenticated_network):
-            raise ConfigError("ingress: haproxy exposes every replica's port on all interfaces; configure API keys "
-                              f"(${cfg.api_keys_env} or api_keys_file) or set allow_unauthenticated_network=true")
         return cfg.ingress
-    keys = load_api_keys(cfg.api_keys_env, cfg.api_keys_file)
-    return "haproxy" if keys or cfg.allow_unauthenticated_network else "proxy"
+    return "haproxy" if guarded else "proxy"
 
 
 def haproxy_reserved_ports() -> dict[int, str]:
@@ -126,9 +125,8 @@ def deploy(cfg: EndpointConfig, models: dict[str, str], adapters: dict[str, str]
 
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_endpoint(cfg, models, adapters), name=cfg.app_name, route_prefix="/", blocking=False)
-    keys = load_api_keys(cfg.api_keys_env, cfg.api_keys_file)
     return wait_ready(f"http://{_client_host(cfg.host)}:{cfg.port}", cfg.model_id, cfg.ready_timeout_s,
-                      keys[0] if keys else None)
+                      client_key(cfg.api_keys_env, cfg.api_keys_file))
 
 
 def _client_host(host: str) -> str:

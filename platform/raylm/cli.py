@@ -74,9 +74,10 @@ def cmd_serve(args) -> None:
 
 
 def cmd_serve_stats(args) -> None:
+    from serve.guard import client_key
     from serve.stats import fetch, format_summary
 
-    summary = fetch(args.url, args.api_key or _first_key())
+    summary = fetch(args.url, args.api_key or client_key())
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
 
 
@@ -84,11 +85,6 @@ def cmd_loadtest(args) -> None:
     from serve.loadtest import main as loadtest_main
 
     loadtest_main(args.argv)
-
-
-def _first_key() -> str | None:
-    keys = [k for k in os.environ.get("RAYLM_API_KEYS", "").split(",") if k.strip()]
-    return os.environ.get("RAYLM_API_KEY") or (keys[0].strip() if keys else None)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -132,6 +132,9 @@ def test_config_errors_name_the_key():
         load_config(EndpointConfig, {}, ["autoscaling.target_ongoing=3"])
     with pytest.raises(ConfigError, match="ingress"):
         load_config(EndpointConfig, {}, ["ingress=fast"])
+    with pytest.raises(ConfigError, match="lora.adapters"):  # refused before anything starts
+        load_config(EndpointConfig, {"ab": {"versions": [{"name": "a", "model": "x"}, {"name": "b", "model": "y"}]},
+                                     "lora": {"adapters": {"s": "sft-1"}}})
 
 
 def test_ingress_choice_never_exposes_an_unauthenticated_port(monkeypatch):
