@@ -162,8 +162,16 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
     replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::rollout-test#")]
     assert len(replicas) == 2, replicas
-    time.sleep(0.5)
-    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+    # kill a replica that holds requests: the router may put every chunk on one replica (a CI run did, and then
+    # nothing needed a retry), so ask each replica actor how many requests it is running
+    actors = [ray.get_actor(name, namespace="serve") for name in replicas]
+    deadline, victim = time.time() + 30, None
+    while victim is None and time.time() < deadline:
+        ongoing = ray.get([a.get_num_ongoing_requests.remote() for a in actors])
+        victim = next((a for a, n in zip(actors, ongoing) if n > 0), None)
+        time.sleep(0.1)
+    assert victim is not None, "no replica received a rollout chunk"
+    ray.kill(victim, no_restart=True)
     retries = client.retries
     out = client.collect(pending, params, version)
     assert len(out) == len(prompts) and all(len(g) == 8 for g in out)
