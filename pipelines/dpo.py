@@ -12,10 +12,12 @@ from raylm.data.tokenize import PreferencePairs
 from raylm.losses import PREFERENCE_LOSSES
 from raylm.stage import require_paths
 from raylm.train.launch import fit
+from raylm.train.steps import logged_metrics
 from pipelines.sft import chat_dataset, save_outputs
 
 STAGE = "dpo"
 INPUTS = {"model": ("model",), "dataset": ("dataset",)}
+METRICS = logged_metrics("preference")  # per log step: what a sweep can optimise
 
 
 class Config(StageConfig):

@@ -12,14 +12,17 @@ import ray
 from transformers import AutoConfig
 
 from raylm.config import ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.data.cache import tokenized
 from raylm.data.tokenize import PACK_BATCH_ROWS, PackText
 from raylm.models import architecture, flops_per_token
 from raylm.runs import local_path
 from raylm.stage import require_paths
 from raylm.train.launch import fit
+from raylm.train.steps import logged_metrics
 
 STAGE = "pretrain"
 INPUTS = {"dataset": ("dataset",), "tokenizer": ("tokenizer",)}
+METRICS = logged_metrics("lm")  # per log step: what a sweep can optimise
 
 
 class Config(StageConfig):
@@ -31,10 +34,13 @@ class Config(StageConfig):
 
 def packed(uri: str, tok_path: str, seq_len: int, seed: int | None = None):
     """Packed blocks; with a seed (the training split) globally shuffled: curated text arrives grouped by source."""
-    ds = ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len),
-                                                compute=ray.data.ActorPoolStrategy(size=1),
-                                                batch_size=PACK_BATCH_ROWS, batch_format="pandas")
-    return (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
+    def build():
+        ds = ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len),
+                                                    compute=ray.data.ActorPoolStrategy(size=1),
+                                                    batch_size=PACK_BATCH_ROWS, batch_format="pandas")
+        return ds.random_shuffle(seed=seed) if seed is not None else ds
+
+    return tokenized(build, {"uri": uri, "tokenizer": tok_path, "seq_len": seq_len, "op": "PackText", "seed": seed})
 
 
 def check(inputs, cfg: Config) -> None:

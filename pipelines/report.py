@@ -381,6 +381,55 @@ def section_rl(m: Manifest, store: RunStore) -> str:
             f"<h3>Before / after on fixed held-out prompts (greedy)</h3>{grid(x.get('examples', []))}")
 
 
+def sweep_figures(m: Manifest, history: list[dict]) -> str | None:
+    """The metric against each swept key (one point per trial) and every trial's curve of it on one plot."""
+    trials = [t for t in m.metrics.get("trials", []) if t.get("metric") is not None]
+    metric, keys = m.metrics.get("metric"), list(m.metrics.get("space", {}))
+    if not trials or not metric:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.2 * (len(keys) + 1), 3.2), squeeze=False)
+    colors = {"succeeded": "tab:blue", "stopped": "tab:orange", "failed": "tab:red"}
+    for ax, key in zip(axes[0], keys):
+        pts = [(t["effective"].get(key, t["config"].get(key)), t["metric"], t["status"]) for t in trials]
+        pts = [p for p in pts if isinstance(p[0], (int, float))]
+        for status in colors:
+            sel = [(x, y) for x, y, s in pts if s == status]
+            if sel:
+                ax.scatter(*zip(*sel), color=colors[status], label=status)
+        if "loguniform" in m.metrics["space"][key] or key.endswith("lr"):
+            ax.set_xscale("log")
+        ax.set(title=f"{metric} vs {key}", xlabel=key, ylabel=f"{metric} (last reported)")
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for t in trials:
+        rows = [(r["step"], r[metric]) for r in history if r.get("trial") == t["run_id"] and r.get(metric) is not None]
+        if rows:
+            ax.plot(*zip(*rows), marker=".", color=colors.get(t["status"], "gray"), alpha=0.8)
+    ax.set(title=f"all trials: {metric} (orange: stopped early)", xlabel="step")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def section_sweep(m: Manifest, store: RunStore) -> str:
+    x = m.metrics
+    best = x.get("best") or {}
+    summary = {**pick(x, "stage", "metric", "mode", "search", "scheduler", "trials_planned", "trials_finished",
+                      "trials_stopped_early", "trials_failed", "concurrent_trials", "trial_resources",
+                      "cluster_resources", "space"),
+               "best trial": best.get("run_id"), "best value": best.get("metric"), "best config": best.get("effective"),
+               "best config file": next((a.uri for a in m.outputs.values() if a.kind == "config"), None)}
+    rows = [{"run": t["run_id"], **{k: v for k, v in (t.get("effective") or {}).items()}, x.get("metric", "metric"):
+             t["metric"], "step": t.get("step"), "status": t["status"], "seconds": t.get("seconds"),
+             "error": t.get("error") or ""} for t in x.get("trials", [])]
+    return (f"<h2>Sweep ({html.escape(str(x.get('stage')))})</h2>{run_header(m)}{kv_table(summary)}"
+            f"<h3>Trials</h3>{grid(rows)}{img(sweep_figures(m, store.history(m.run_id)))}")
+
+
 def section_eval(m: Manifest) -> str:
     x = m.metrics
     rows = [{"checkpoint": f"{v['stage']} ({rid})", **pick(v, "perplexity", "exact_match", "preference_accuracy",
@@ -437,7 +486,7 @@ def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], ti
     writers = {"curate": section_data, "tokenizer": section_tokenizer, "evaluate": section_eval,
                "serve": section_serve}
     trainers = {"pretrain": section_pretrain, "sft": section_sft, "dpo": section_preference, "reward": section_reward,
-                "rl": section_rl}
+                "rl": section_rl, "sweep": section_sweep}
     for m in order:
         if m.stage in writers:
             parts.append(writers[m.stage](m))

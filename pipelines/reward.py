@@ -20,10 +20,12 @@ from raylm.losses import REWARD_LOSSES
 from raylm.runs import RunError
 from raylm.stage import require_paths
 from raylm.train.launch import fit
+from raylm.train.steps import logged_metrics
 from pipelines.sft import lora_meta
 
 STAGE = "reward"
 INPUTS = {"model": ("model",), "dataset": ("dataset",)}
+METRICS = logged_metrics("reward")  # per log step: what a sweep can optimise
 PAIR_COLUMNS = {"prompt": "the prompt", "answer": "the chosen answer", "wrong": "the rejected answer"}
 MAX_LISTED = 500  # reward values kept in the manifest per side (the scores artifact has them all)
 

@@ -26,6 +26,9 @@ from raylm.stage import require_paths
 STAGE = "rl"
 INPUTS = {"model": ("model",), "dataset": ("dataset",)}
 OPTIONAL_INPUTS = {"reward_model": ("reward_model",)}  # needed when a `reward_model` reward is configured
+# per step (heldout_reward every eval_every steps and at the end): what a sweep can optimise
+METRICS = ("reward_mean", "reward_std", "heldout_reward", "kl", "kl_coef", "entropy", "loss", "clip_frac",
+           "approx_kl", "response_len", "grad_norm", "kept_frac", "value_loss", "lr")
 
 
 class KLSpec(Section):
@@ -227,10 +230,11 @@ def learner_job(inputs, cfg: Config, held_rows: list[dict]) -> dict:
 
 
 def body(run, inputs, cfg: Config) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raylm.rl.learner import rl_loop_per_worker
+    from raylm.train import hooks
     from raylm.train.launch import FixedShards, read_result
 
     model_uri, data = inputs["model"].uri, inputs["dataset"].uri
@@ -242,13 +246,12 @@ def body(run, inputs, cfg: Config) -> None:
             raise RunError(f"{STAGE}: no prompts left after skipping those longer than max_prompt_len="
                            f"{cfg.max_prompt_len} tokens ({skipped} train, {skipped_h} held-out skipped)")
     with rollout_engine(run, model_uri, cfg) as rollout:
-        job = {**rollout, **learner_job(inputs, cfg, held_rows)}
+        job = {**rollout, **learner_job(inputs, cfg, held_rows), **hooks.job_flags()}
         trainer = TorchTrainer(
             rl_loop_per_worker, train_loop_config=job,
             scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
                                          resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
-            run_config=RunConfig(name=run.id, storage_path=run.uri("train"),
-                                 failure_config=FailureConfig(max_failures=cfg.resources.max_failures)),
+            run_config=hooks.run_config(run.id, run.uri("train"), cfg.resources.max_failures),
             datasets={"train": train}, dataset_config=FixedShards())
         with run.time("train_s"):
             out = read_result(trainer.fit())

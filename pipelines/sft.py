@@ -8,12 +8,15 @@ from __future__ import annotations
 import ray
 
 from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.data.cache import tokenized
 from raylm.data.tokenize import ChatExamples
 from raylm.stage import require_paths
 from raylm.train.launch import fit
+from raylm.train.steps import logged_metrics
 
 STAGE = "sft"
 INPUTS = {"model": ("model",), "dataset": ("dataset",)}
+METRICS = logged_metrics("lm")  # per log step: what a sweep can optimise
 
 
 class Config(StageConfig):
@@ -27,9 +30,12 @@ class Config(StageConfig):
 
 def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples, seed: int | None = None):
     """Tokenized examples; with a seed (training splits) globally shuffled, since tasks arrive grouped by family."""
-    ds = ray.data.read_parquet(uri).map_batches(op, fn_constructor_args=(tok_path, max_len),
-                                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas")
-    return (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
+    def build():
+        ds = ray.data.read_parquet(uri).map_batches(op, fn_constructor_args=(tok_path, max_len),
+                                                    compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas")
+        return ds.random_shuffle(seed=seed) if seed is not None else ds
+
+    return tokenized(build, {"uri": uri, "tokenizer": tok_path, "max_len": max_len, "op": op.__name__, "seed": seed})
 
 
 def lora_meta(cfg) -> dict:

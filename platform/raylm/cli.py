@@ -87,6 +87,12 @@ def cmd_loadtest(args) -> None:
     loadtest_main(args.argv)
 
 
+def cmd_sweep(args) -> None:
+    from tuning.sweep import cli
+
+    cli(args.config, list(args.overrides), args.resume, args.root)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raylm", description="Ray-native LLM lifecycle platform")
     root_help = "run store: local dir or fsspec URI (default $RAYLM_ROOT or ./runs)"
@@ -131,6 +137,11 @@ def parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("argv", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_loadtest)
+    p = add("sweep", help="Ray Tune sweep over a stage's config (tuning/configs/), each trial a full run")
+    p.add_argument("config", nargs="?", help="sweep YAML")
+    p.add_argument("--resume", metavar="SWEEP_RUN_ID", help="continue an interrupted sweep")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the sweep config")
+    p.set_defaults(fn=cmd_sweep)
     p = add("report", help="build the HTML lineage report for a run")
     p.add_argument("run")
     p.set_defaults(fn=cmd_report)

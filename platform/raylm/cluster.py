@@ -13,13 +13,13 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS
 
 
 def code_runtime_env() -> dict:
-    """py_modules that make `raylm`, `pipelines` and `serve` importable on workers of a remote cluster.
+    """py_modules that make `raylm`, `pipelines`, `serve` and `tuning` importable on workers of a remote cluster.
 
     On a cluster built from cluster.yaml the project is installed on every node anyway; shipping the driver's
     copy keeps workers on exactly the code the job was submitted with.
     """
     mods = [str(PACKAGE_DIR)]
-    for name in ("pipelines", "serve"):
+    for name in ("pipelines", "serve", "tuning"):
         if (REPO_DIR / name / "__init__.py").is_file():
             mods.append(str(REPO_DIR / name))
     return {"py_modules": mods}

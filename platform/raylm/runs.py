@@ -63,9 +63,10 @@ class Manifest:
     run_id: str
     stage: str
     name: str | None
-    status: str  # running | succeeded | failed
+    status: str  # running | succeeded | failed | stopped (a sweep's scheduler ended it early)
     config: dict
     parent: str | None = None
+    sweep: str | None = None  # the sweep run this run is a trial of
     inputs: list[InputRef] = field(default_factory=list)
     outputs: dict[str, Artifact] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -286,9 +287,9 @@ class RunStore:
     # ---- writing a run
     @contextlib.contextmanager
     def start_run(self, stage: str, config: dict, inputs: list[InputRef] = (), name: str | None = None,
-                  run_id: str | None = None) -> Iterator["Run"]:
+                  run_id: str | None = None, sweep: str | None = None) -> Iterator["Run"]:
         m = Manifest(run_id=run_id or new_run_id(stage), stage=stage, name=name, status="running", config=config,
-                     parent=inputs[0].run_id if inputs else None, inputs=list(inputs), created=_now(),
+                     parent=inputs[0].run_id if inputs else None, sweep=sweep, inputs=list(inputs), created=_now(),
                      environment=environment())
         self.save_manifest(m)
         run = Run(self, m)

@@ -45,8 +45,8 @@ def require_paths(stage: str, base_uri: str, names: dict[str, str]) -> None:
             raise RunError(f"{stage}: {key}={rel!r} not found in {base_uri}; it has: {', '.join(have) or 'nothing'}")
 
 
-def execute(recipe: ModuleType, cfg: StageConfig) -> str:
-    """Run one stage; returns the new run id."""
+def execute(recipe: ModuleType, cfg: StageConfig, run_id: str | None = None, sweep: str | None = None) -> str:
+    """Run one stage; returns the new run id (`run_id` when given: a sweep trial names its run up front)."""
     store = RunStore(cfg.root)
     inputs = resolve_inputs(store, recipe.STAGE, cfg, recipe.INPUTS, getattr(recipe, "OPTIONAL_INPUTS", None))
     if hasattr(recipe, "check"):
@@ -54,7 +54,8 @@ def execute(recipe: ModuleType, cfg: StageConfig) -> str:
     resolved = cfg.model_dump(mode="json")
     resolved["inputs"] = {role: f"{ref.run_id}:{ref.artifact}" for role, ref in inputs.items()}
     init_ray(cfg.ray_address)
-    with store.start_run(recipe.STAGE, resolved, list(inputs.values()), name=cfg.name) as run:
+    with store.start_run(recipe.STAGE, resolved, list(inputs.values()), name=cfg.name, run_id=run_id,
+                         sweep=sweep) as run:
         recipe.body(run, inputs, cfg)
     return run.id
 

@@ -52,3 +52,15 @@ def test_serve_refuses_bad_models_before_starting_anything(tmp_path):
     assert proc.returncode == 2 and "autoscaling.max_replica" in proc.stderr
     proc = raylm("loadtest", "http://10.1.2.3:8000", "--requests", "1", root=tmp_path)
     assert proc.returncode == 2 and "non-loopback" in proc.stderr
+
+
+def test_sweep_refuses_bad_spaces_and_missing_inputs_before_starting(tmp_path):
+    proc = raylm("sweep", "tuning/configs/sft_lr.yaml", "metric=val_acc", root=tmp_path)
+    assert proc.returncode == 2 and "metric='val_acc': stage sft does not log it" in proc.stderr
+    proc = raylm("sweep", "tuning/configs/dpo_beta.yaml", "space.beta.grid=[]", root=tmp_path)
+    assert proc.returncode == 2 and "space.beta: grid needs a non-empty list" in proc.stderr
+    proc = raylm("sweep", "tuning/configs/sft_lr.yaml", root=tmp_path)  # an empty store: no latest/pretrain
+    assert proc.returncode == 2 and "no succeeded pretrain run" in proc.stderr
+    proc = raylm("sweep", "--resume", "nope", root=tmp_path)
+    assert proc.returncode == 2 and "no run 'nope'" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing was written

@@ -259,6 +259,8 @@ def rl_loop_per_worker(job: dict) -> None:
                 row["heldout_reward"] = heldout(client, version)["heldout_reward_sampled"]
             print(json.dumps(row), flush=True)
         history.append(row)
+        if job.get("report_rows") and step + 1 < job["max_steps"]:  # a sweep trial: each step reaches Tune
+            ray.train.report(row if rank == 0 else {})
 
     if rank == 0:
         after = heldout(client, version)
@@ -268,7 +270,8 @@ def rl_loop_per_worker(job: dict) -> None:
         history[-1]["heldout_reward"] = after["heldout_reward_sampled"]
     state = policy_state(policy, job)
     final = {"train_s": round(time.time() - t_start, 2), "params": n_params, "trainable_params": n_trainable,
-             "weight_version": version, "world_size": world, "reward_failures": failures_total, **summary}
+             "weight_version": version, "world_size": world, "reward_failures": failures_total, **summary,
+             "final_report": True}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

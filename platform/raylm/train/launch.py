@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 
 import fsspec
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raylm.config import ResourcesSpec
+from raylm.train import hooks
 from raylm.train.loop import train_loop_per_worker
 
 
@@ -31,15 +32,13 @@ def fit(job: dict, datasets: dict, resources: ResourcesSpec, storage_uri: str, n
     Returns {"metrics": final metrics, "history": per-log-step rows, "checkpoint": URI of the exported checkpoint
     (holding `model/` and, for LoRA, `adapter/`)}.
     """
-    job = {**job, "strategy": resources.strategy, "has_val": "val" in datasets}
+    job = {**job, "strategy": resources.strategy, "has_val": "val" in datasets, **hooks.job_flags()}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker={"CPU": resources.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_uri,
-                             failure_config=FailureConfig(max_failures=resources.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=hooks.run_config(name, storage_uri, resources.max_failures),
         datasets=datasets,
         dataset_config=FixedShards(),
     )

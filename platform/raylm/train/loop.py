@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -105,6 +106,47 @@ def evaluate(model, shard, job: dict, batch_size: int) -> dict[str, float]:
     return {f"val_{k}": v for k, v in means.items()}
 
 
+def save_trainer_state(model, opt, step: int, rank: int):
+    """A resumable checkpoint (full model and optimizer state, the step, the RNG) as a Ray Train checkpoint on rank 0
+    (collective: every rank calls it). `torch.distributed.checkpoint.state_dict` gathers FSDP2 shards and strips
+    DDP's wrapper, so one format serves every strategy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    tmp = tempfile.mkdtemp(prefix="raylm-state-")
+    torch.save({"model": msd, "optim": osd, "step": step, "rng": torch.get_rng_state()},
+               os.path.join(tmp, "trainer_state.pt"))
+    return ray.train.Checkpoint.from_directory(tmp)
+
+
+def load_trainer_state(model, opt, checkpoint) -> int:
+    """Restore what `save_trainer_state` wrote; returns the step to continue from (0 when the checkpoint holds no
+    trainer state, e.g. a finished run's export)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, "trainer_state.pt")
+        if not os.path.exists(path):
+            return 0
+        state = torch.load(path, weights_only=False)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def report_row(row: dict, model, opt, step: int, job: dict, rank: int) -> None:
+    """Inside a sweep trial: every logged row goes to Ray Train (and from there to Tune), every `checkpoint_every`
+    steps with a resumable checkpoint."""
+    every = job.get("checkpoint_every") or 0
+    ckpt = save_trainer_state(model, opt, step, rank) if every and step % every == 0 else None
+    ray.train.report(row, checkpoint=ckpt)
+    if ckpt is not None:
+        shutil.rmtree(ckpt.path, ignore_errors=True)  # report persisted a copy
+
+
 # ---------------------------------------------------------------- the loop
 def train_loop_per_worker(job: dict) -> None:
     ctx = ray.train.get_context()
@@ -128,11 +170,15 @@ def train_loop_per_worker(job: dict) -> None:
     world = ctx.get_world_size()
     tokens_per_step = tc["batch_size"] * world * tc["seq_len"]
 
+    # a PBT-exploited or retried sweep trial, or Ray Train restarting the group after a failure (`max_failures`)
+    resume = job.get("resume_from") or ray.train.get_checkpoint()
+    start = load_trainer_state(model, opt, resume) if resume is not None else 0
+
     history: list[dict] = []
     window: dict[str, torch.Tensor] = {}  # metric sums since the last logged step (logged values are means)
     t_start = t_last = time.time()
-    last_logged = -1
-    for step in range(tc["max_steps"]):
+    last_logged = start - 1
+    for step in range(start, tc["max_steps"]):
         lr = oc["lr"] * lr_multiplier(step, tc["max_steps"], oc["warmup_steps"], oc["schedule"], oc["min_lr_ratio"])
         for g in opt.param_groups:
             g["lr"] = lr
@@ -159,11 +205,13 @@ def train_loop_per_worker(job: dict) -> None:
             window, last_logged, t_last = {}, step, time.time()
             if rank == 0:
                 print(json.dumps(row), flush=True)
+            if job.get("report_rows") and not last:
+                report_row(row, model, opt, step + 1, job, rank)
     train_s = time.time() - t_start
 
     state = full_state_dict(model, job["strategy"])
     final = {**history[-1], "train_s": round(train_s, 2), "params": n_params, "trainable_params": n_trainable,
-             "world_size": world}
+             "world_size": world, "final_report": True}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

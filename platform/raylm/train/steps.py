@@ -97,3 +97,16 @@ def reward_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
 
 
 OBJECTIVES = {"lm": lm_step, "preference": preference_step, "reward": reward_step}
+# What each objective's step returns: with `val_` in front, what validation logs too (sweeps check against these).
+OBJECTIVE_METRICS = {
+    "lm": ("loss",),
+    "preference": ("loss", "preference_loss", "nll_chosen", "reward_chosen", "reward_rejected", "reward_margin",
+                   "reward_accuracy", "logp_chosen"),
+    "reward": ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected"),
+}
+
+
+def logged_metrics(objective: str) -> tuple[str, ...]:
+    """Every name a training stage of this objective logs per step (the loop's rows)."""
+    base = OBJECTIVE_METRICS[objective]
+    return (*base, *(f"val_{m}" for m in base), "lr", "grad_norm", "tokens_seen", "tokens_per_s")
