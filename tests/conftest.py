@@ -85,6 +85,11 @@ def lifecycle(ray_cluster, tmp_path_factory):
     from raylm.config import load_config
     from raylm.runs import RunStore
 
+    reuse = os.environ.get("RAYLM_TEST_LIFECYCLE_ROOT")  # developers: an existing lifecycle's run store
+    if reuse:
+        store = RunStore(reuse)
+        stages = ("curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report")
+        return {"runs": {s: store.resolve_id(f"latest/{s}") for s in stages if store.list(s)}, "store": store}
     root = tmp_path_factory.mktemp("runs")
     cfg_path = REPO / "pipelines/configs/lifecycle/tiny.yaml"
     cfg = load_config(lc.Config, cfg_path, [f"root={root}", "serve.port=8011"])

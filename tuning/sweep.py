@@ -28,6 +28,7 @@ from raylm.cluster import REPO_DIR, init_ray
 from raylm.config import ConfigError, Section, deep_merge, load_config
 from raylm.runs import HISTORY, RunError, RunStore, _now
 from raylm.stage import resolve_inputs
+from tuning.cleanup import NAMESPACE, Ledger, ReleaseStoppedTrials, remove_groups
 from tuning.space import check_against_stage, check_leaf, flatten, tune_domain
 
 STAGE = "sweep"
@@ -250,7 +251,8 @@ def run(cfg: Config, origin: Path | None = None, resume: str | None = None) -> s
         ls = cfg.lr_scaling
         setup = {"stage": cfg.stage, "base": base, "root": cfg.root, "sweep_id": run.id, "metric": cfg.metric,
                  "checkpoint_every": cfg.scheduler.perturbation_interval if cfg.scheduler.kind == "pbt" else 0,
-                 "data_cache": run.uri("tokenized"), "lr_scaling": ls.model_dump(), "base_lr": _get(stage_cfg, ls.lr_key) if ls.rule != "none" else 0}
+                 "data_cache": run.uri("tokenized"), "ledger": f"pg-ledger-{run.id}", "lr_scaling": ls.model_dump(),
+                 "base_lr": _get(stage_cfg, ls.lr_key) if ls.rule != "none" else 0}
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPU})
         storage = run.uri()
         run.log_metrics({"stage": cfg.stage, "metric": cfg.metric, "mode": cfg.mode, "trials_planned": n_trials,
@@ -258,6 +260,9 @@ def run(cfg: Config, origin: Path | None = None, resume: str | None = None) -> s
                          "cluster_resources": {k: ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU")},
                          "scheduler": cfg.scheduler.kind, "search": cfg.search.algorithm,
                          "space": {k: spec for k, spec in flat.items()}})
+        # named after the sweep run: a resumed sweep's restored callback finds the new ledger by the same name
+        ledger = Ledger.options(name=setup["ledger"], namespace=NAMESPACE).remote()
+        release = ReleaseStoppedTrials(setup["ledger"])
         if resume and tune.Tuner.can_restore(f"{storage}/tune"):
             tuner = tune.Tuner.restore(f"{storage}/tune", trainable, resume_unfinished=True, restart_errored=True)
         else:
@@ -268,9 +273,15 @@ def run(cfg: Config, origin: Path | None = None, resume: str | None = None) -> s
                                             num_samples=cfg.num_samples, max_concurrent_trials=width),
                 run_config=tune.RunConfig(name="tune", storage_path=storage,
                                           failure_config=tune.FailureConfig(max_failures=cfg.trial_retries),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
-        with rollout_serve(cfg.stage), run.time("tune_s"):
-            grid = tuner.fit()
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
+                                          callbacks=[release]))
+        try:
+            with rollout_serve(cfg.stage), run.time("tune_s"):
+                grid = tuner.fit()
+        finally:
+            leaked = remove_groups(ray.get(ledger.take.remote()))
+            ray.kill(ledger)
+        run.log_metrics({"worker_groups_released": leaked + release.removed})
         record(run, store, cfg, recipe, grid, flat)
     return run.id
 
@@ -302,7 +313,8 @@ class rollout_serve:
 def record(run, store: RunStore, cfg: Config, recipe, grid, flat: dict) -> None:
     """Trial table, curves, best config and model; trial runs a scheduler ended are marked `stopped`."""
     trials, curves = [], []
-    for result in grid:
+    tune_trials = grid._experiment_analysis.trials  # the same order as the results (ResultGrid builds them so)
+    for result, tune_trial in zip(grid, tune_trials):
         df = result.metrics_dataframe
         rows = [] if df is None or df.empty else df.to_dict("records")
         last = rows[-1] if rows else (result.metrics or {})
@@ -313,13 +325,14 @@ def record(run, store: RunStore, cfg: Config, recipe, grid, flat: dict) -> None:
         trials.append({"run_id": run_id, "config": params, "effective": effective or params,
                        "metric": _num(last.get(cfg.metric)), "step": _num(last.get("step")), "status": status,
                        "stopped_early": status == "stopped", "error": _error(result),
+                       "failures": tune_trial.num_failures,
                        "seconds": _num(last.get("time_total_s"))})
         curves += [{"trial": run_id, "step": r.get("step"), cfg.metric: _num(r.get(cfg.metric))}
                    for r in rows if r.get(cfg.metric) is not None]
         if status == "stopped" and run_id:
             _mark_stopped(store, run_id, cfg.scheduler.kind, last, rows)
     _stop_orphans(store, run.id)  # runs of trials PBT restarted from another trial's checkpoint
-    unfinished = [t for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    unfinished = [t for t in tune_trials if t.status not in ("TERMINATED", "ERROR")]
     run.log_history(curves)
     done = [t for t in trials if t["status"] == "succeeded" and t["metric"] is not None]
     sign = 1 if cfg.mode == "min" else -1
@@ -364,17 +377,19 @@ def _error(result) -> str | None:
 
 
 def _trial_status(store: RunStore, run_id: str | None, result) -> str:
+    """Tune's verdict first: a trial it saw raise failed; one it ended without error either finished its run or
+    was stopped by the scheduler (the run may then read `running`, or `failed` when the stop reached its Train
+    controller first: Tune removes the trial's placement group, which holds the controller)."""
     if result.error is not None:
         return "failed"
-    if not run_id:
-        return "stopped"
-    status = store.load(run_id).status
-    return "stopped" if status in ("running", "stopped") else status
+    if run_id and store.load(run_id).status == "succeeded":
+        return "succeeded"
+    return "stopped"
 
 
 def _mark_stopped(store: RunStore, run_id: str, by: str, last: dict, rows: list[dict]) -> None:
     m = store.load(run_id)
-    if m.status != "running":
+    if m.status == "succeeded":
         return
     m.status, m.finished = "stopped", _now()
     m.error = f"stopped early by the {by} scheduler at step {int(last.get('step') or 0)}"

@@ -21,6 +21,7 @@ from ray.util.queue import Empty, Queue
 from raylm.config import deep_merge, load_config
 from raylm.runs import RunStore, new_run_id
 from raylm.train import hooks
+from tuning.cleanup import RecordWorkerGroup
 from tuning.space import scale_lr, unflatten
 
 
@@ -53,7 +54,8 @@ def run_trial(params: dict, setup: dict) -> None:
     cfg = load_config(recipe.Config, {**cfg_dict, "root": setup["root"], "name": f"{setup['sweep_id']} trial"})
     run_id = new_run_id(setup["stage"])
     q = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    hooks.ACTIVE = hooks.TrialHooks([ForwardRows(q)], setup["checkpoint_every"], tune.get_checkpoint(),
+    ledger = RecordWorkerGroup(setup["ledger"], tune.get_context().get_trial_id())
+    hooks.ACTIVE = hooks.TrialHooks([ForwardRows(q), ledger], setup["checkpoint_every"], tune.get_checkpoint(),
                                     data_cache=setup["data_cache"])
     outcome: dict = {}
 
@@ -66,14 +68,19 @@ def run_trial(params: dict, setup: dict) -> None:
     tags = {"run_id": run_id, **{f"effective/{k}": v for k, v in effective.items()}}
     worker = threading.Thread(target=stage, name="stage", daemon=True)
     worker.start()
-    metric = setup["metric"]
+    metric, last = setup["metric"], None
     while worker.is_alive() or not _empty(q):
         try:
             item = q.get(timeout=0.5)
         except (Empty, queue.Empty):
             continue
         row = {k: v for k, v in item["metrics"].items() if isinstance(v, numbers.Number)}
-        if metric in row:  # rows between evaluations lack a validation metric: schedulers need it in every result
+        # Rows between evaluations lack a validation metric, and schedulers need it in every result: they are
+        # skipped, except one carrying a PBT checkpoint, which gets the last evaluated value.
+        if metric not in row and item["checkpoint"] is not None and last is not None:
+            row[metric] = last
+        if metric in row:
+            last = row[metric]
             tune.report({**row, **tags}, checkpoint=item["checkpoint"])
     worker.join()
     if "error" in outcome:

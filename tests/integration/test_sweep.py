@@ -107,9 +107,9 @@ def test_asha_stops_bad_lr_trials_early_and_the_best_beats_the_worst(sweep_root)
 def test_dpo_beta_sweep_survives_a_failing_trial(sweep_root):
     from tuning import sweep
 
+    # a typo in a swept split name passes the config checks and fails inside the trial, when the stage runs
     cfg = sweep_config("dpo_beta", sweep_root, **{
-        "space": {"beta": {"grid": [0.1, 0.5]}, "lora": {"target_modules": {"grid": [["q_proj", "v_proj"],
-                                                                                      ["no_such_module"]]}}},
+        "space": {"beta": {"grid": [0.1, 0.5]}, "train_split": {"grid": ["tasks_train", "tasks_trian"]}},
         "overrides.train.max_steps": 20, "overrides.train.eval_every": 10, "trial_retries": 1})
     sweep_id = sweep.run(cfg, REPO / "tuning/configs")
     store = RunStore(str(sweep_root))
@@ -117,13 +117,14 @@ def test_dpo_beta_sweep_survives_a_failing_trial(sweep_root):
     trials = m.metrics["trials"]
     failed = [t for t in trials if t["status"] == "failed"]
     assert len(trials) == 4 and len(failed) == 2 and m.metrics["trials_failed"] == 2
-    assert all("no_such_module" in (t["error"] or "") or "Target modules" in (t["error"] or "") for t in failed)
+    assert all("train_split='tasks_trian' not found" in (t["error"] or "") for t in failed), failed
     done = [t for t in trials if t["status"] == "succeeded"]
     assert sorted(t["effective"]["beta"] for t in done) == [0.1, 0.5]
     assert m.metrics["best"]["run_id"] in {t["run_id"] for t in done}
-    # retried once: each failing config left two failed dpo runs
-    failed_runs = [r for r in store.list("dpo") if r.sweep == sweep_id and r.status == "failed"]
-    assert len(failed_runs) == 4
+    assert all(0.0 <= t["metric"] <= 1.0 for t in done)  # held-out preference accuracy
+    assert all(t["failures"] == 2 for t in failed)  # retried once (trial_retries=1), then reported
+    # the stage refused the missing split before starting, so the failed trials left no half-written run
+    assert {r.run_id for r in store.list("dpo") if r.sweep == sweep_id} == {t["run_id"] for t in done}
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_root, tmp_path):
@@ -136,7 +137,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ro
     data = yaml.safe_load((REPO / "tuning/configs/sft_lr.yaml").read_text())
     data.update(base=str(REPO / "pipelines/configs/sft/tiny.yaml"), root=str(sweep_root), num_samples=1,
                 max_concurrent_trials=1, scheduler={"kind": "fifo"}, search={"algorithm": "grid"},
-                space={"optim": {"lr": {"grid": [2e-3, 1e-3, 5e-4]}}}, lr_scaling={"rule": "none"})
+                space={"optim": {"lr": {"grid": [2e-3, 1e-3]}}}, lr_scaling={"rule": "none"})
     data["overrides"]["train"]["max_steps"] = 20
     conf.write_text(yaml.safe_dump(data))
     before = {m.run_id for m in store.list("sweep")}
@@ -161,7 +162,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ro
     cfg, _ = sweep.load(None, [], sweep_id, str(sweep_root))
     assert sweep.run(cfg, resume=sweep_id) == sweep_id
     m = store.load(sweep_id)
-    assert m.status == "succeeded" and len(m.metrics["trials"]) == 3
+    assert m.status == "succeeded" and len(m.metrics["trials"]) == 2
     succeeded = [r for r in store.list("sft") if r.sweep == sweep_id and r.status == "succeeded"]
-    assert len(succeeded) == 3  # the finished trial was not run again
+    assert len(succeeded) == 2  # the finished trial was not run again
     assert set(first) <= {t["run_id"] for t in m.metrics["trials"]}
