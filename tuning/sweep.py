@@ -312,8 +312,13 @@ class rollout_serve:
 
 def record(run, store: RunStore, cfg: Config, recipe, grid, flat: dict) -> None:
     """Trial table, curves, best config and model; trial runs a scheduler ended are marked `stopped`."""
+    from ray.tune import ExperimentAnalysis
+
     trials, curves = [], []
     tune_trials = grid._experiment_analysis.trials  # the same order as the results (ResultGrid builds them so)
+    # Statuses as Tune saved them when it ended: after a Ctrl-C, the in-memory trials it cleaned up read
+    # TERMINATED, while the saved state keeps the RUNNING and PENDING ones a resume will run.
+    saved = {t.trial_id: t.status for t in ExperimentAnalysis(grid.experiment_path).trials}
     for result, tune_trial in zip(grid, tune_trials):
         df = result.metrics_dataframe
         rows = [] if df is None or df.empty else df.to_dict("records")
@@ -321,7 +326,8 @@ def record(run, store: RunStore, cfg: Config, recipe, grid, flat: dict) -> None:
         run_id = last.get("run_id")
         params = {k: (result.config or {}).get(k) for k in flat}
         effective = {k[len("effective/"):]: v for k, v in last.items() if k.startswith("effective/")}
-        status = _trial_status(store, run_id, result)
+        interrupted = saved.get(tune_trial.trial_id) not in ("TERMINATED", "ERROR")
+        status = "interrupted" if interrupted else _trial_status(store, run_id, result)
         trials.append({"run_id": run_id, "config": params, "effective": effective or params,
                        "metric": _num(last.get(cfg.metric)), "step": _num(last.get("step")), "status": status,
                        "stopped_early": status == "stopped", "error": _error(result),
@@ -332,7 +338,7 @@ def record(run, store: RunStore, cfg: Config, recipe, grid, flat: dict) -> None:
         if status == "stopped" and run_id:
             _mark_stopped(store, run_id, cfg.scheduler.kind, last, rows)
     _stop_orphans(store, run.id)  # runs of trials PBT restarted from another trial's checkpoint
-    unfinished = [t for t in tune_trials if t.status not in ("TERMINATED", "ERROR")]
+    unfinished = [t for t in trials if t["status"] == "interrupted"]
     run.log_history(curves)
     done = [t for t in trials if t["status"] == "succeeded" and t["metric"] is not None]
     sign = 1 if cfg.mode == "min" else -1
@@ -406,7 +412,7 @@ def _stop_orphans(store: RunStore, sweep_id: str) -> None:
     for m in store.list():
         if m.sweep == sweep_id and m.status == "running":
             m.status, m.finished = "stopped", _now()
-            m.error = m.error or "its trial was stopped or restarted from another trial's checkpoint"
+            m.error = m.error or "its trial was stopped, interrupted, or restarted from another trial's checkpoint"
             store.save_manifest(m)
 
 
