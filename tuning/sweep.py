@@ -264,7 +264,8 @@ def run(cfg: Config, origin: Path | None = None, resume: str | None = None) -> s
         ledger = Ledger.options(name=setup["ledger"], namespace=NAMESPACE).remote()
         release = ReleaseStoppedTrials(setup["ledger"])
         if resume and tune.Tuner.can_restore(f"{storage}/tune"):
-            tuner = tune.Tuner.restore(f"{storage}/tune", trainable, resume_unfinished=True, restart_errored=True)
+            # failed trials stay failed: they were retried `trial_retries` times and reported already
+            tuner = tune.Tuner.restore(f"{storage}/tune", trainable, resume_unfinished=True)
         else:
             tuner = tune.Tuner(
                 trainable, param_space={k: tune_domain(*check_leaf(k, s)) for k, s in flat.items()},
@@ -273,7 +274,9 @@ def run(cfg: Config, origin: Path | None = None, resume: str | None = None) -> s
                                             num_samples=cfg.num_samples, max_concurrent_trials=width),
                 run_config=tune.RunConfig(name="tune", storage_path=storage,
                                           failure_config=tune.FailureConfig(max_failures=cfg.trial_retries),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
+                                          # PBT restores trials from each other's checkpoints; with
+                                          # num_to_keep=2 Tune deleted one a restore still needed here
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=None), verbose=1,
                                           callbacks=[release]))
         try:
             with rollout_serve(cfg.stage), run.time("tune_s"):

@@ -104,41 +104,21 @@ def test_asha_stops_bad_lr_trials_early_and_the_best_beats_the_worst(sweep_root)
     assert "Sweep (sft)" in page and stopped[0]["run_id"] in page and page.count("data:image/png") >= 1
 
 
-def test_dpo_beta_sweep_survives_a_failing_trial(sweep_root):
-    from tuning import sweep
-
-    # a typo in a swept split name passes the config checks and fails inside the trial, when the stage runs
-    cfg = sweep_config("dpo_beta", sweep_root, **{
-        "space": {"beta": {"grid": [0.1, 0.5]}, "train_split": {"grid": ["tasks_train", "tasks_trian"]}},
-        "overrides.train.max_steps": 20, "overrides.train.eval_every": 10, "trial_retries": 1})
-    sweep_id = sweep.run(cfg, REPO / "tuning/configs")
-    store = RunStore(str(sweep_root))
-    m = store.load(sweep_id)
-    trials = m.metrics["trials"]
-    failed = [t for t in trials if t["status"] == "failed"]
-    assert len(trials) == 4 and len(failed) == 2 and m.metrics["trials_failed"] == 2
-    assert all("train_split='tasks_trian' not found" in (t["error"] or "") for t in failed), failed
-    done = [t for t in trials if t["status"] == "succeeded"]
-    assert sorted(t["effective"]["beta"] for t in done) == [0.1, 0.5]
-    assert m.metrics["best"]["run_id"] in {t["run_id"] for t in done}
-    assert all(0.0 <= t["metric"] <= 1.0 for t in done)  # held-out preference accuracy
-    assert all(t["failures"] == 2 for t in failed)  # retried once (trial_retries=1), then reported
-    # the stage refused the missing split before starting, so the failed trials left no half-written run
-    assert {r.run_id for r in store.list("dpo") if r.sweep == sweep_id} == {t["run_id"] for t in done}
-
-
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_root, tmp_path):
+def test_dpo_beta_sweep_survives_a_failing_trial_and_resumes_after_an_interrupt(sweep_root, tmp_path):
+    """One sweep, run as a user would (`python -m tuning.sweep` in its own process), Ctrl-C'd after its first
+    trial finished, then resumed: finished trials are kept, a trial that raises is retried and reported."""
     import ray
 
     from tuning import sweep
 
     store = RunStore(str(sweep_root))
     conf = tmp_path / "sweep.yaml"
-    data = yaml.safe_load((REPO / "tuning/configs/sft_lr.yaml").read_text())
-    data.update(base=str(REPO / "pipelines/configs/sft/tiny.yaml"), root=str(sweep_root), num_samples=1,
-                max_concurrent_trials=1, scheduler={"kind": "fifo"}, search={"algorithm": "grid"},
-                space={"optim": {"lr": {"grid": [2e-3, 1e-3]}}}, lr_scaling={"rule": "none"})
-    data["overrides"]["train"]["max_steps"] = 20
+    data = yaml.safe_load((REPO / "tuning/configs/dpo_beta.yaml").read_text())
+    # a typo in a swept split name passes the config checks and fails inside the trial, when the stage runs
+    data.update(base=str(REPO / "pipelines/configs/dpo/tiny.yaml"), root=str(sweep_root), max_concurrent_trials=1,
+                trial_retries=1, space={"beta": {"grid": [0.1, 0.5]},
+                                        "train_split": {"grid": ["tasks_train", "tasks_trian"]}})
+    data["overrides"]["train"].update(max_steps=20, eval_every=10)
     conf.write_text(yaml.safe_dump(data))
     before = {m.run_id for m in store.list("sweep")}
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
@@ -149,20 +129,30 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_ro
     while time.time() < deadline and proc.poll() is None:  # interrupt once the first trial has finished
         new = [m for m in store.list("sweep") if m.run_id not in before]
         sweep_id = new[0].run_id if new else None
-        if sweep_id and any(r.sweep == sweep_id and r.status == "succeeded" for r in store.list("sft")):
+        if sweep_id and any(r.sweep == sweep_id and r.status == "succeeded" for r in store.list("dpo")):
             break
         time.sleep(1)
     assert sweep_id and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "timeout"
     proc.send_signal(signal.SIGINT)  # Ray Tune saves the experiment and returns
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "sweep interrupted" in out, out[-3000:]
-    first = [r.run_id for r in store.list("sft") if r.sweep == sweep_id and r.status == "succeeded"]
-    assert len(first) >= 1 and store.load(sweep_id).status == "failed"
+    first = [r.run_id for r in store.list("dpo") if r.sweep == sweep_id and r.status == "succeeded"]
+    assert len(first) == 1 and store.load(sweep_id).status == "failed"
 
     cfg, _ = sweep.load(None, [], sweep_id, str(sweep_root))
     assert sweep.run(cfg, resume=sweep_id) == sweep_id
     m = store.load(sweep_id)
-    assert m.status == "succeeded" and len(m.metrics["trials"]) == 2
-    succeeded = [r for r in store.list("sft") if r.sweep == sweep_id and r.status == "succeeded"]
-    assert len(succeeded) == 2  # the finished trial was not run again
-    assert set(first) <= {t["run_id"] for t in m.metrics["trials"]}
+    trials = m.metrics["trials"]
+    assert m.status == "succeeded" and len(trials) == 4, trials
+    done = [t for t in trials if t["status"] == "succeeded"]
+    assert sorted(t["effective"]["beta"] for t in done) == [0.1, 0.5]
+    assert first[0] in {t["run_id"] for t in done}  # the finished trial was kept, not run again
+    assert len([r for r in store.list("dpo") if r.sweep == sweep_id and r.status == "succeeded"]) == 2
+    assert m.metrics["best"]["run_id"] in {t["run_id"] for t in done}
+    assert all(0.0 <= t["metric"] <= 1.0 for t in done)  # held-out preference accuracy
+    failed = [t for t in trials if t["status"] == "failed"]
+    assert len(failed) == 2 and m.metrics["trials_failed"] == 2
+    assert all("train_split='tasks_trian' not found" in (t["error"] or "") for t in failed), failed
+    assert all(t["failures"] == 2 for t in failed)  # retried once (trial_retries=1), then reported
+    # the stage refused the missing split before starting, so the failed trials left no half-written run
+    assert {r.run_id for r in store.list("dpo") if r.sweep == sweep_id} == {t["run_id"] for t in done}
