@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,17 +126,21 @@ def test_dpo_beta_sweep_survives_a_failing_trial_and_resumes_after_an_interrupt(
            "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)])}
     proc = subprocess.Popen([sys.executable, "-m", "tuning.sweep", str(conf)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline, sweep_id = time.time() + 600, None
-    while time.time() < deadline and proc.poll() is None:  # interrupt once the first trial has finished
-        new = [m for m in store.list("sweep") if m.run_id not in before]
-        sweep_id = new[0].run_id if new else None
-        if sweep_id and any(r.sweep == sweep_id and r.status == "succeeded" for r in store.list("dpo")):
-            break
-        time.sleep(1)
-    assert sweep_id and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "timeout"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    # interrupt once Tune has the first trial finished (its run's manifest says so a moment earlier, while the
+    # trial is still reporting: interrupted then, Tune rightly runs it again on resume)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not any(" completed after " in x for x in lines):
+        time.sleep(0.5)
+    assert proc.poll() is None, "".join(lines)[-3000:]
     proc.send_signal(signal.SIGINT)  # Ray Tune saves the experiment and returns
-    out, _ = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    out = "".join(lines)
     assert proc.returncode == 2 and "sweep interrupted" in out, out[-3000:]
+    sweep_id = next(m.run_id for m in store.list("sweep") if m.run_id not in before)
     first = [r.run_id for r in store.list("dpo") if r.sweep == sweep_id and r.status == "succeeded"]
     assert len(first) == 1 and store.load(sweep_id).status == "failed"
 
