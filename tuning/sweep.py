@@ -29,7 +29,7 @@ from raylm.config import ConfigError, Section, deep_merge, load_config
 from raylm.runs import HISTORY, RunError, RunStore, _now
 from raylm.stage import resolve_inputs
 from tuning.cleanup import NAMESPACE, Ledger, ReleaseStoppedTrials, remove_groups
-from tuning.space import check_against_stage, check_leaf, flatten, tune_domain
+from tuning.space import check_against_stage, flatten, param_space
 
 STAGE = "sweep"
 TRIAL_CPU = 0.01  # the trial's own process: it only drives the stage; its workers and replicas hold the rest
@@ -215,8 +215,7 @@ def scheduler(cfg: Config, flat: dict, total_steps: int):
     if s.kind == "pbt":
         return PopulationBasedTraining(time_attr="step", perturbation_interval=s.perturbation_interval,
                                        quantile_fraction=s.quantile_fraction,
-                                       hyperparam_mutations={k: tune_domain(*check_leaf(k, spec))
-                                                             for k, spec in flat.items()})
+                                       hyperparam_mutations=param_space(flat))
     return FIFOScheduler()
 
 
@@ -268,7 +267,7 @@ def run(cfg: Config, origin: Path | None = None, resume: str | None = None) -> s
             tuner = tune.Tuner.restore(f"{storage}/tune", trainable, resume_unfinished=True)
         else:
             tuner = tune.Tuner(
-                trainable, param_space={k: tune_domain(*check_leaf(k, s)) for k, s in flat.items()},
+                trainable, param_space=param_space(flat),
                 tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=search_alg(cfg, width),
                                             scheduler=scheduler(cfg, flat, max_steps(stage_cfg)),
                                             num_samples=cfg.num_samples, max_concurrent_trials=width),
@@ -285,7 +284,7 @@ def run(cfg: Config, origin: Path | None = None, resume: str | None = None) -> s
             leaked = remove_groups(ray.get(ledger.take.remote()))
             ray.kill(ledger)
         run.log_metrics({"worker_groups_released": leaked + release.removed})
-        record(run, store, cfg, recipe, grid, flat)
+        record(run, store, cfg, grid, flat)
     return run.id
 
 
@@ -313,7 +312,7 @@ class rollout_serve:
             serve.shutdown()
 
 
-def record(run, store: RunStore, cfg: Config, recipe, grid, flat: dict) -> None:
+def record(run, store: RunStore, cfg: Config, grid, flat: dict) -> None:
     """Trial table, curves, best config and model; trial runs a scheduler ended are marked `stopped`."""
     from ray.tune import ExperimentAnalysis
 
