@@ -1,7 +1,8 @@
 """Ray Data curation blocks, datatrove style.
 
-A filter implements one method, `filter(doc) -> bool | (False, reason)`. `ApplyFilters` runs a list of them over
-pandas batches and records the first failing filter's reason in `drop_reason` ("" = kept), so statistics and
+A filter implements one method, `filter(doc) -> bool | (False, detail) | (False, rule, detail)`. `ApplyFilters`
+runs a list of them over pandas batches and records the first failing filter in `drop_reason` ("" = kept): its
+name, or "<name>.<rule>" for a filter with several rules, and the measured value in `drop_detail`. Statistics and
 exclusion writing come for free and every input row is accounted for: in = kept + dropped + quarantined.
 """
 from __future__ import annotations
@@ -119,10 +120,13 @@ class ApplyFilters:
                 continue
             for f in self.filters:
                 verdict = f.filter(doc)
-                ok, why = (verdict, "") if isinstance(verdict, bool) else verdict
-                if not ok:
-                    reasons[i], details[i] = f.name, why
-                    break
+                if verdict is True or (isinstance(verdict, tuple) and verdict[0]):
+                    continue
+                if isinstance(verdict, tuple) and len(verdict) == 3:  # (False, rule, detail): "<filter>.<rule>"
+                    reasons[i], details[i] = f"{f.name}.{verdict[1]}", verdict[2]
+                else:
+                    reasons[i], details[i] = f.name, verdict[1] if isinstance(verdict, tuple) else ""
+                break
         batch = batch.copy()
         batch["drop_reason"], batch["drop_detail"] = reasons, details
         return batch

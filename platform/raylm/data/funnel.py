@@ -1,0 +1,96 @@
+"""Per-operator statistics for a streaming curation pipeline: counts, drop reasons, seconds, docs/s.
+
+Counts come from the data itself (every row carries the reason it was dropped or quarantined, and each reason
+belongs to one operator), so they add up exactly: an operator's `in` is the previous operator's `kept`.
+Seconds come from the operators: each `Timed` batch call sends (operator, live rows, seconds) to a small actor,
+fire-and-forget, which the driver polls to print progress while the pipeline streams.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pandas as pd
+import ray
+
+KEEP = ""
+
+
+@ray.remote(num_cpus=0)
+class FunnelStats:
+    def __init__(self):
+        self.ops: dict[str, dict] = {}
+
+    def add(self, op: str, rows: int, seconds: float) -> None:
+        s = self.ops.setdefault(op, {"rows": 0, "seconds": 0.0, "batches": 0})
+        s["rows"] += rows
+        s["seconds"] += seconds
+        s["batches"] += 1
+
+    def get(self) -> dict:
+        return self.ops
+
+
+class Timed:
+    """Wraps a map_batches operator; its time and its live input rows go to the stats actor."""
+
+    def __init__(self, op: str, fn, stats):
+        self.op, self.fn, self.stats = op, fn, stats
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        live = int((batch["drop_reason"] == KEEP).sum()) if "drop_reason" in batch else len(batch)
+        t = time.perf_counter()
+        out = self.fn(batch)
+        self.stats.add.remote(self.op, live, time.perf_counter() - t)
+        return out
+
+
+def op_of(reason: str) -> str:
+    """The operator a drop reason belongs to ("gopher.word_count" -> gopher, "malformed:x" -> read)."""
+    if reason.startswith("malformed:"):
+        return "read"
+    return {"exact_duplicate": "exact_dedup", "fuzzy_duplicate": "fuzzy_dedup"}.get(reason, reason.split(".")[0])
+
+
+def funnel(order: list[str], reasons: dict[str, int], seconds: dict[str, dict], n_in: int) -> list[dict]:
+    """One row per operator in pipeline order: in, kept, dropped (or quarantined), reasons, seconds, docs/s."""
+    rows, live = [], n_in
+    for op in order:
+        mine = {r: c for r, c in reasons.items() if r != KEEP and op_of(r) == op}
+        out = sum(mine.values())
+        t = seconds.get(op, {}).get("seconds")
+        rows.append({"op": op, "in": live, "kept": live - out, "removed": out, "reasons": mine,
+                     "seconds": round(t, 3) if t is not None else None,
+                     "docs_per_s": round(live / t, 1) if t else None})
+        assert rows[-1]["in"] == rows[-1]["kept"] + rows[-1]["removed"]
+        live -= out
+    unknown = {r for r in reasons if r != KEEP and op_of(r) not in order}
+    assert not unknown, f"drop reasons of no operator: {unknown}"
+    return rows
+
+
+class Progress:
+    """Prints the live per-operator row counts every `every` seconds while the pipeline runs."""
+
+    def __init__(self, stats, every: float = 15.0, prefix: str = "curate"):
+        self.stats, self.every, self.prefix = stats, every, prefix
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.time()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            try:
+                ops = ray.get(self.stats.get.remote(), timeout=5)
+            except Exception:  # noqa: BLE001 - progress is best effort
+                continue
+            parts = [f"{op} {s['rows']:,}" for op, s in ops.items()]
+            print(f"[{self.prefix} {time.time() - self._t0:5.0f}s] rows seen: " + " | ".join(parts), flush=True)

@@ -1,0 +1,184 @@
+"""Token accounting, source mixing and chunk-and-pack with document boundaries, as Ray Data operators.
+
+- `CountTokens`: tokens per document with a trained tokenizer (a run's or a local HF directory), so the stage can
+  report tokens and the compression rate (tokens per character, seed 002) per source and a length histogram.
+- `mix_rates` + `apply_mix`: target ratios across sources (seed 004's domain:general 7:3) by down-sampling, or
+  by down- and up-sampling at the same total size; each document's fate is a hash of its node and the seed, so
+  a run is reproducible and no process needs the corpus.
+- `ChunkPack` + `pack_split`: documents split into <= chunk_tokens pieces at paragraph, then sentence boundaries
+  (seed 004's 512-token chunks), packed into fixed-length blocks; every block lists where each of its pieces
+  starts (`doc_starts`) so pre-training can mask attention across documents.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import xxhash
+
+from raylm.config import Section
+
+KEEP = ""
+HIST_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 2 ** 62]
+
+
+class TokenSpec(Section):
+    tokenizer_path: str | None = None  # a local HF tokenizer directory (or give inputs.tokenizer=RUN)
+
+
+class MixSpec(Section):
+    ratios: dict[str, float] = {}  # source -> weight, e.g. {domain: 7, general: 3}; unlisted sources pass as-is
+    by: str = "chars"  # what the ratio is measured in: docs, chars or tokens (tokens needs a tokenizer)
+    upsample: bool = False  # False: only down-sample; True: keep the listed sources' total, repeating the small
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- tokens
+class CountTokens:
+    def __init__(self, tokenizer_path: str):
+        from raylm.models import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_path)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.copy()
+        alive = (batch["drop_reason"] == KEEP).to_numpy()
+        counts = np.zeros(len(batch), dtype=np.int64)
+        if alive.any():
+            enc = self.tok(list(batch["text"][alive]), add_special_tokens=False)["input_ids"]
+            counts[alive] = [len(e) for e in enc]
+        batch["tokens"] = counts
+        return batch
+
+
+def token_histogram(kept) -> dict:
+    """Documents per token-length bin (edges are powers of two), summed from per-batch partial histograms."""
+    def part(batch: pd.DataFrame) -> pd.DataFrame:
+        h, _ = np.histogram(batch["tokens"].to_numpy(), bins=HIST_EDGES)
+        return pd.DataFrame({f"b{i}": [int(c)] for i, c in enumerate(h)})
+
+    rows = kept.map_batches(part, batch_format="pandas").take_all()
+    counts = [sum(r[f"b{i}"] for r in rows) for i in range(len(HIST_EDGES) - 1)]
+    labels = [f"{lo}-{hi - 1}" if hi < 2 ** 62 else f">={lo}" for lo, hi in zip(HIST_EDGES[:-1], HIST_EDGES[1:])]
+    return dict(zip(labels, counts))
+
+
+# ---------------------------------------------------------------- mixing
+def mix_rates(spec: MixSpec, totals: dict[str, float]) -> dict[str, float]:
+    """Sampling rate per listed source (expected copies per document) that hits the target ratios."""
+    missing = [s for s in spec.ratios if not totals.get(s)]
+    if missing:
+        raise ValueError(f"mix.ratios names source(s) with no kept documents: {missing}; kept sources: "
+                         f"{sorted(totals)}")
+    weight = sum(spec.ratios.values())
+    share = {s: r / weight for s, r in spec.ratios.items()}
+    if spec.upsample:
+        size = sum(totals[s] for s in share)  # the listed sources keep their combined size
+    else:
+        size = min(totals[s] / share[s] for s in share)  # the largest total no source has to be repeated for
+    return {s: share[s] * size / totals[s] for s in share}
+
+
+def _unit(node: str, seed: int) -> float:
+    return xxhash.xxh64_intdigest(node.encode(), seed=seed) / 2.0 ** 64
+
+
+def apply_mix(batch: pd.DataFrame, rates: dict[str, float], seed: int) -> pd.DataFrame:
+    """Each kept row of a listed source gets floor(rate) or ceil(rate) copies; 0 copies drops it (with reason)."""
+    batch = batch.copy()
+    batch["copy"] = 0
+    reasons, details = batch["drop_reason"].to_numpy(dtype=object), batch["drop_detail"].to_numpy(dtype=object)
+    extra = []
+    for i, (src, node, reason) in enumerate(zip(batch["source"], batch["node"], reasons)):
+        rate = rates.get(src)
+        if reason != KEEP or rate is None:
+            continue
+        whole = int(rate)
+        copies = whole + (_unit(node, seed) < rate - whole)
+        if copies == 0:
+            reasons[i], details[i] = "mixing.downsampled", f"source {src} sampled at rate {rate:.4f}"
+        for k in range(1, copies):
+            extra.append((i, k))
+    batch["drop_reason"], batch["drop_detail"] = reasons, details
+    if extra:
+        reps = batch.iloc[[i for i, _ in extra]].copy()
+        ks = [k for _, k in extra]
+        reps["copy"] = ks
+        reps["id"] = [f"{i}#rep{k}" for i, k in zip(reps["id"], ks)]
+        reps["node"] = [f"{n}#rep{k}" for n, k in zip(reps["node"], ks)]
+        batch = pd.concat([batch, reps], ignore_index=True)
+    return batch
+
+
+# ---------------------------------------------------------------- chunk and pack
+_BOUNDARY = re.compile(r"\n\s*\n|(?<=[.!?。！？])\s+")
+
+
+def chunk_ids(ids: list[int], offsets: list[tuple[int, int]], text: str, max_tokens: int) -> list[list[int]]:
+    """Cut one document's tokens into pieces of <= max_tokens, preferring a paragraph end, then a sentence end."""
+    if len(ids) <= max_tokens:
+        return [ids]
+    para_ends = {m.start() for m in re.finditer(r"\n\s*\n", text)}
+    sent_ends = {m.start() for m in _BOUNDARY.finditer(text)}
+    pieces, start = [], 0
+    while len(ids) - start > max_tokens:
+        window = range(start + max_tokens, start, -1)  # a cut before token j keeps tokens [start, j)
+        cut = next((j for j in window if offsets[j - 1][1] in para_ends), None)
+        if cut is None or cut - start < max_tokens // 4:  # too short a piece: a sentence end is better
+            cut = next((j for j in window if offsets[j - 1][1] in sent_ends), None) or cut
+        if cut is None or cut - start < max_tokens // 4:
+            cut = start + max_tokens  # no boundary in reach: a hard cut
+        pieces.append(ids[start:cut])
+        start = cut
+    pieces.append(ids[start:])
+    return pieces
+
+
+class ChunkPack:
+    """map_batches: documents -> chunks -> fixed-length blocks with the start of every piece inside each block."""
+
+    def __init__(self, tokenizer_path: str, chunk_tokens: int, seq_len: int):
+        from raylm.models import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer_path)
+        self.chunk_tokens, self.seq_len = chunk_tokens, seq_len
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        texts = list(batch["text"])
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        stream, starts, n_chunks, n_split = [], [], 0, 0
+        for ids, offs, text in zip(enc["input_ids"], enc["offset_mapping"], texts):
+            pieces = chunk_ids(ids, offs, text, self.chunk_tokens)
+            n_chunks += len(pieces)
+            n_split += len(pieces) > 1
+            for p in pieces:
+                starts.append(len(stream))
+                stream.extend(p + [self.tok.eos_token_id])
+        n = len(stream) // self.seq_len
+        blocks = np.asarray(stream[: n * self.seq_len], dtype=np.int32).reshape(n, self.seq_len)
+        s = np.asarray(starts, dtype=np.int64)
+        doc_starts = []
+        for b in range(n):
+            lo, hi = b * self.seq_len, (b + 1) * self.seq_len
+            inside = (s[(s >= lo) & (s < hi)] - lo).tolist()
+            doc_starts.append(np.asarray(([0] if not inside or inside[0] != 0 else []) + inside, dtype=np.int32))
+        return pd.DataFrame({"input_ids": list(blocks), "doc_starts": doc_starts,
+                             "chunks": [n_chunks] + [0] * max(0, n - 1) if n else [],
+                             "docs_split": [n_split] + [0] * max(0, n - 1) if n else [],
+                             "tail_tokens": [len(stream) - n * self.seq_len] + [0] * max(0, n - 1) if n else []})
+
+
+def pack_split(ds, tokenizer_path: str, spec, uri: str) -> dict:
+    """Chunk + pack one split to Parquet at `uri`; returns blocks, tokens, chunks, documents split."""
+    import ray
+
+    packed = ds.map_batches(ChunkPack, fn_constructor_args=(tokenizer_path, spec.chunk_tokens, spec.seq_len),
+                            batch_size=1024, batch_format="pandas", concurrency=1)
+    packed.write_parquet(uri)
+    back = ray.data.read_parquet(uri, columns=["chunks", "docs_split", "tail_tokens"])
+    blocks = back.count()
+    return {"blocks": blocks, "seq_len": spec.seq_len, "tokens": blocks * spec.seq_len,
+            "chunks": int(back.sum("chunks") or 0) if blocks else 0,
+            "docs_split": int(back.sum("docs_split") or 0) if blocks else 0,
+            "tail_tokens_dropped": int(back.sum("tail_tokens") or 0) if blocks else 0}
