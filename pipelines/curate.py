@@ -27,8 +27,8 @@ from raylm import corpus, tasks
 from raylm.config import ConfigError, Section, StageConfig
 from raylm.data import dedup
 from raylm.data.filters import KEEP, ApplyFilters, build_filters, count_pretokens, split_of
-from raylm.data.funnel import FunnelStats, Progress, Timed, funnel
-from raylm.data.mix import CountTokens, MixSpec, TokenSpec, apply_mix, mix_rates, pack_split, token_histogram
+from raylm.data.funnel import FunnelStats, Progress, Timed, funnel, summarize
+from raylm.data.mix import HIST_EDGES, MixSpec, TokenSpec, apply_mix, count_tokens, mix_rates, pack_splits
 from raylm.data.pii import PiiSpec, RedactPii
 from raylm.data.quality import (C4Quality, C4Spec, GopherQuality, GopherSpec, LanguageFilter, LanguageSpec,
                                 RepetitionFilter, RepetitionSpec)
@@ -171,21 +171,39 @@ def dedup_graph(docs_uri: str, cfg: Config, parts: int, timings: dict) -> tuple:
         return None, facts
     bands, rows = 0, 0
     if f.enabled:
-        bands, rows = (f.bands, f.rows) if f.bands else dedup.lsh_params(f.threshold, f.num_perm)
-        facts.update(lsh_bands=bands, lsh_rows=rows)
+        cand = f.candidate_threshold or (max(0.05, f.threshold - 0.15) if f.verify else f.threshold)
+        bands, rows = (f.bands, f.rows) if f.bands else dedup.lsh_params(cand, f.num_perm)
+        facts.update(lsh_bands=bands, lsh_rows=rows, candidate_threshold=cand)
     t = time.time()
-    links = (ray.data.read_parquet(docs_uri, columns=["node", "hash", "sig", "para_hashes", "drop_reason"])
-             .filter(expr=col("drop_reason") == KEEP)
-             .map_batches(dedup.bucket_rows, batch_format="pandas", fn_kwargs={
-                 "exact": ex.enabled, "paragraphs": ex.enabled and ex.paragraphs, "num_perm": f.num_perm,
-                 "bands": bands, "rows": rows})
-             .groupby("bucket", num_partitions=parts).map_groups(dedup.bucket_links, batch_format="numpy")
+    rows_ds = (ray.data.read_parquet(docs_uri, columns=["node", "hash", "sig", "para_hashes", "drop_reason"])
+               .filter(expr=col("drop_reason") == KEEP)
+               .map_batches(dedup.bucket_rows, batch_format="pandas", fn_kwargs={
+                   "exact": ex.enabled, "paragraphs": ex.enabled and ex.paragraphs, "num_perm": f.num_perm,
+                   "bands": bands, "rows": rows})
+               .materialize())
+    # Almost every bucket holds one document. Counting members is a vectorised (Arrow) aggregation; only the
+    # members of shared buckets then reach the per-group Python function (~100 us per group call).
+    shared = (rows_ds.groupby("bucket", num_partitions=parts).count()
+              .filter(expr=col("count()") > 1).select_columns(["bucket"]).materialize())
+    facts["shared_buckets"] = shared.count()
+    members = rows_ds.join(shared, "inner", parts, on=("bucket",)) if facts["shared_buckets"] else rows_ds.limit(0)
+    links = (members.groupby("bucket", num_partitions=parts).map_groups(dedup.bucket_links, batch_format="numpy")
              .materialize())
-    edges = links.filter(expr=col("kind") != dedup.PARAGRAPH).select_columns(["a", "b"])
+    facts["links_s"] = round(time.time() - t, 2)
+    edges = links.filter(expr=col("kind") == dedup.EXACT).select_columns(["a", "b"])
+    lsh = links.filter(expr=col("kind") == dedup.LSH).select_columns(["a", "b"])
+    facts["candidate_pairs"] = lsh.count()
+    t1 = time.time()
+    if f.enabled and f.verify and facts["candidate_pairs"]:
+        lsh = verified(lsh, docs_uri, f, parts)
+    edges = edges.union(lsh).materialize()
     facts["edges"] = edges.count()
+    facts["verify_s"] = round(time.time() - t1, 2)
+    t1 = time.time()
     dup_map, rounds, local = dedup.connected_components(edges, f.max_rounds, parts, f.local_max_edges)
     dup_map = dup_map.materialize()
-    facts.update(cc_rounds=rounds, cc_finished_locally=local, duplicates=dup_map.count())
+    facts.update(cc_rounds=rounds, cc_finished_locally=local, duplicates=dup_map.count(),
+                 components_s=round(time.time() - t1, 2))
     timings["dedup_graph_s"] = round(time.time() - t, 2)
     para = links.filter(expr=col("kind") == dedup.PARAGRAPH)
     facts["paragraph_removals"] = para.count()
@@ -212,11 +230,38 @@ def dedup_graph(docs_uri: str, cfg: Config, parts: int, timings: dict) -> tuple:
     return annotation, facts
 
 
+def verified(pairs, docs_uri: str, f: dedup.FuzzySpec, parts: int):
+    """Candidate pairs whose signatures' Jaccard estimate reaches the threshold.
+
+    Up to `local_max_edges` pairs, the signatures of their documents are fetched with one streaming scan that
+    keeps only those nodes (a broadcast join: no shuffle); beyond that, two shuffle joins on the signatures.
+    """
+    from ray.data.expressions import col
+
+    sigs = (ray.data.read_parquet(docs_uri, columns=["node", "sig", "drop_reason"])
+            .filter(expr=col("drop_reason") == KEEP).select_columns(["node", "sig"]))
+    if pairs.count() <= f.local_max_edges:
+        df = pairs.to_pandas()
+        wanted = [ray.put(sorted(set(df["a"]) | set(df["b"])))]  # in a list: Ray Data would not resolve a bare ref
+
+        def only_wanted(b: pd.DataFrame) -> pd.DataFrame:
+            return b[b["node"].isin(ray.get(wanted[0]))]
+
+        found = sigs.map_batches(only_wanted, batch_format="pandas").to_pandas()
+        sig = dict(zip(found["node"], found["sig"]))
+        df["sig_a"], df["sig_b"] = df["a"].map(sig), df["b"].map(sig)
+        return ray.data.from_pandas(df[dedup.estimated_jaccard(df, f.num_perm) >= f.threshold][["a", "b"]])
+    both = (pairs.join(sigs.rename_columns({"node": "a", "sig": "sig_a"}), "inner", parts, on=("a",))
+            .join(sigs.rename_columns({"node": "b", "sig": "sig_b"}), "inner", parts, on=("b",)))
+    return both.map_batches(lambda b: b[dedup.estimated_jaccard(b, f.num_perm) >= f.threshold][["a", "b"]],
+                            batch_format="pandas")
+
+
 class ApplyDedup:
     """Marks duplicates (exact when the texts' hashes are equal, else fuzzy) and removes repeated paragraphs."""
 
-    def __init__(self, min_paragraph_chars: int):
-        self.min_chars = min_paragraph_chars
+    def __init__(self, min_paragraph_chars: int, exact: bool):
+        self.min_chars, self.exact = min_paragraph_chars, exact
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = batch.copy()
@@ -231,7 +276,7 @@ class ApplyDedup:
                 continue
             if isinstance(rep, str) and rep:  # a left-join miss is None or NaN
                 dup_of[i] = dedup.id_of(rep)
-                exact = dedup.hash_of(rep) == batch["hash"].iat[i]
+                exact = self.exact and dedup.hash_of(rep) == batch["hash"].iat[i]
                 reasons[i] = "exact_duplicate" if exact else "fuzzy_duplicate"
                 details[i] = f"{'same text as' if exact else 'near-duplicate of'} {dup_of[i]}"
             elif isinstance(dp, (list, np.ndarray)) and len(dp):
@@ -255,6 +300,7 @@ class ApplyDedup:
 
 def body(run, inputs, cfg: Config) -> None:
     from ray.data.context import ShuffleStrategy
+    from ray.data.expressions import col
 
     # Pull-based sort shuffle: ~3x less fixed cost per groupby than the hash shuffle's aggregator actors here
     # (measured on the components rounds); it also scales to the terabyte case with spilling.
@@ -283,39 +329,38 @@ def body(run, inputs, cfg: Config) -> None:
         ds = ray.data.read_parquet(docs_uri)
         if annotation is not None:
             ds = ds.join(annotation, "left_outer", n_parts, on=("node",))
-        ds = ds.map_batches(ApplyDedup(cfg.exact_dedup.min_paragraph_chars), batch_format="pandas")
+        ds = ds.map_batches(ApplyDedup(cfg.exact_dedup.min_paragraph_chars, cfg.exact_dedup.enabled), batch_format="pandas")
         if tok_path:
-            ds = ds.map_batches(CountTokens, fn_constructor_args=(tok_path,), batch_format="pandas",
-                                concurrency=1)
+            ds = ds.map_batches(count_tokens, fn_kwargs={"tokenizer_path": tok_path}, batch_format="pandas")
         ds.write_parquet(annotated_uri)
     annotated = ray.data.read_parquet(annotated_uri)
-    reasons = {r["drop_reason"]: r["count()"] for r in annotated.groupby("drop_reason").count().take_all()}
-    n_in = sum(reasons.values())
+    summary = summarize(annotated, HIST_EDGES)
+    n_in = sum(summary["reasons"].values())
     assert n_in == n_rows, f"rows lost between passes: {n_rows} read, {n_in} annotated"
 
     # 4. mixing, then splits
-    weight_col = {"docs": None, "chars": "chars", "tokens": "tokens"}[cfg.mix.by]
     mixing = None
     with run.time("write_s"):
-        kept = annotated.map_batches(lambda b: b[b["drop_reason"] == KEEP], batch_format="pandas")
+        final = annotated
         if cfg.mix.ratios:
-            totals = _per_source(kept, weight_col)
+            weight = {"docs": "docs", "chars": "chars", "tokens": "tokens"}[cfg.mix.by]
+            totals = {s: float(v.get(weight, 0)) for s, v in summary["sources"].items()}
             rates = mix_rates(cfg.mix, totals)
-            mixed = annotated.map_batches(apply_mix, fn_kwargs={"rates": rates, "seed": cfg.mix.seed},
+            final = annotated.map_batches(apply_mix, fn_kwargs={"rates": rates, "seed": cfg.mix.seed},
                                           batch_format="pandas").materialize()
-            reasons = {r["drop_reason"]: r["count()"] for r in
-                       mixed.filter(lambda r: r["copy"] == 0).groupby("drop_reason").count().take_all()}
-            kept = mixed.map_batches(lambda b: b[b["drop_reason"] == KEEP], batch_format="pandas")
-            achieved = _per_source(kept, weight_col)
+            summary = summarize(final, HIST_EDGES)
+            achieved = {s: float(v.get(weight, 0)) for s, v in summary["sources"].items()}
             tot = sum(achieved.values()) or 1
             mixing = {"by": cfg.mix.by, "target": cfg.mix.ratios, "rates": rates, "before": totals,
                       "after": achieved, "achieved": {s: round(v / tot, 4) for s, v in achieved.items()},
-                      "repeated_rows": kept.filter(lambda r: r["copy"] > 0).count()}
-            annotated = mixed.filter(lambda r: r["copy"] == 0)
-        kept = kept.map_batches(_with_split, fn_kwargs={"val_percent": cfg.val_percent},
-                                batch_format="pandas").sort(["hash", "node"]).materialize()
+                      "repeated_rows": sum(v["docs"] for v in summary["sources"].values())
+                      - summary["reasons"].get(KEEP, 0)}
+        kept = (final.filter(expr=col("drop_reason") == KEEP)
+                .map_batches(_with_split, fn_kwargs={"val_percent": cfg.val_percent}, batch_format="pandas")
+                .sort(["hash", "node"]).materialize())
         splits = _write_splits(run, kept, cfg, tok_path)
 
+    reasons = summary["reasons"]
     kept_total = reasons.get(KEEP, 0)
     quarantined = {k: v for k, v in reasons.items() if k.startswith("malformed:")}
     dropped = {k: v for k, v in reasons.items() if k != KEEP and not k.startswith("malformed:")}
@@ -324,69 +369,46 @@ def body(run, inputs, cfg: Config) -> None:
     order += [op for op, on in (("exact_dedup", cfg.exact_dedup.enabled), ("fuzzy_dedup", cfg.fuzzy_dedup.enabled),
                                 ("paragraph_dedup", cfg.exact_dedup.enabled and cfg.exact_dedup.paragraphs),
                                 ("mixing", bool(cfg.mix.ratios))) if on]
-    # the three dedup operators share one graph groupby; its time is shown on the first of them
+    # the dedup operators share one graph groupby; its time is shown on the first of them
     secs = {**op_seconds, order[len(ops) + 1] if len(order) > len(ops) + 1 else "-": {
         "seconds": run.manifest.timings.get("dedup_graph_s")}}
     stages = funnel(order, reasons, secs, n_in)
 
-    excluded = annotated.map_batches(
-        lambda b: b[b["drop_reason"] != KEEP][["id", "source", "text", "raw", "drop_reason", "drop_detail",
-                                                "duplicate_of"]], batch_format="pandas")
     if n_in - kept_total:
-        excluded.write_parquet(run.uri("excluded"))
+        (final.filter(expr=col("drop_reason") != KEEP)
+         .select_columns(["id", "source", "text", "raw", "drop_reason", "drop_detail", "duplicate_of"])
+         .write_parquet(run.uri("excluded")))
         run.add_artifact("excluded", "excluded", run.uri("excluded"),
                          meta={"dropped": dropped, "quarantined": quarantined})
 
-    per_source = _per_source_table(kept)
+    per_source = summary["sources"]
+    for v in per_source.values():
+        if "tokens" in v:
+            v["tokens_per_char"] = round(v["tokens"] / max(1, v["chars"]), 4)
     metrics = {
         "docs_in": n_in, "docs_kept": kept_total, "docs_dropped": sum(dropped.values()),
         "docs_quarantined": sum(quarantined.values()), "drop_reasons": dropped, "quarantine_reasons": quarantined,
         "duplicates_removed": dropped.get("exact_duplicate", 0), "fuzzy_duplicates_removed":
             dropped.get("fuzzy_duplicate", 0), "funnel": stages, "dedup_graph": graph, "per_source": per_source,
-        "splits": splits["counts"], "kept_chars": int(sum(s["chars"] for s in per_source.values())),
-        "kept_pretokens": int(sum(s["pretokens"] or 0 for s in per_source.values())),
-        "pii_replaced": _pii_counts(kept, cfg), "paragraphs_removed": int(kept.sum("paragraphs_removed") or 0),
+        "splits": splits["counts"], "kept_chars": sum(v["chars"] for v in per_source.values()),
+        "kept_pretokens": sum(v["pretokens"] for v in per_source.values()),
+        "pii_replaced": {t: sum(v.get(f"pii_{t}", 0) for v in per_source.values()) for t in cfg.pii.types}
+        if cfg.pii.enabled else {},
+        "paragraphs_removed": sum(v.get("paragraphs_removed", 0) for v in per_source.values()),
         "task_families": splits["task_families"],
     }
     if mixing:
         metrics["mixing"] = mixing
     if tok_path:
-        metrics["tokens"] = {"total": int(kept.sum("tokens") or 0),
-                             "tokens_per_char": {s: v["tokens_per_char"] for s, v in per_source.items()
-                                                 if v.get("tokens_per_char") is not None},
-                             "histogram": token_histogram(kept)}
+        labels = [f"{lo}-{hi - 1}" if hi < HIST_EDGES[-1] else f">={lo}" for lo, hi in zip(HIST_EDGES, HIST_EDGES[1:])]
+        metrics["tokens"] = {"total": sum(v["tokens"] for v in per_source.values()),
+                             "tokens_per_char": {s: v["tokens_per_char"] for s, v in per_source.items()},
+                             "histogram": dict(zip(labels, summary["hist"]))}
     if splits.get("packed"):
         metrics["packed"] = splits["packed"]
     run.add_artifact("dataset", "dataset", run.uri("data"), meta={"splits": splits["counts"], "source": cfg.source})
     run.log_metrics(metrics)
     _remove(run.uri("work"))
-
-
-def _per_source(ds, weight_col: str | None) -> dict[str, float]:
-    if weight_col is None:
-        return {r["source"]: float(r["count()"]) for r in ds.groupby("source").count().take_all()}
-    return {r["source"]: float(r[f"sum({weight_col})"]) for r in ds.groupby("source").sum(weight_col).take_all()}
-
-
-def _per_source_table(kept) -> dict:
-    from ray.data.aggregate import Count, Sum
-
-    cols = kept.columns()
-    aggs = [Count(), Sum("chars"), Sum("pretokens")] + ([Sum("tokens")] if "tokens" in cols else [])
-    out = {}
-    for r in kept.groupby("source").aggregate(*aggs).take_all():
-        row = {"docs": int(r["count()"]), "chars": int(r["sum(chars)"]), "pretokens": int(r["sum(pretokens)"])}
-        if "sum(tokens)" in r:
-            row["tokens"] = int(r["sum(tokens)"])
-            row["tokens_per_char"] = round(row["tokens"] / max(1, row["chars"]), 4)
-        out[r["source"]] = row
-    return out
-
-
-def _pii_counts(kept, cfg: Config) -> dict:
-    if not cfg.pii.enabled:
-        return {}
-    return {t: int(kept.sum(f"pii_{t}") or 0) for t in cfg.pii.types}
 
 
 def _with_split(batch: pd.DataFrame, val_percent: float) -> pd.DataFrame:
@@ -423,10 +445,9 @@ def _write_splits(run, kept, cfg: Config, tok_path: str | None) -> dict:
             counts[name] = int((tdf["split"] == split).sum())
     out = {"counts": counts, "task_families": sorted({t["family"] for t in task_rows})}
     if cfg.pack.enabled:
-        out["packed"] = {}
-        for split, ds in (("train", train), ("val", val)):
-            out["packed"][split] = pack_split(ds, tok_path, cfg.pack, run.uri("data", f"packed_{split}"))
-            counts[f"packed_{split}"] = out["packed"][split]["blocks"]
+        with run.time("pack_s"):
+            out["packed"] = pack_splits(kept, tok_path, cfg.pack, lambda split: run.uri("data", f"packed_{split}"))
+            counts.update({f"packed_{s}": v["blocks"] for s, v in out["packed"].items()})
     return out
 
 

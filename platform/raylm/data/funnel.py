@@ -69,6 +69,44 @@ def funnel(order: list[str], reasons: dict[str, int], seconds: dict[str, dict], 
     return rows
 
 
+SUMMED = ("chars", "pretokens", "tokens", "paragraphs_removed")
+
+
+def summarize(ds, hist_edges: list[int]) -> dict:
+    """One pass over an annotated dataset: rows per drop reason (originals only, not up-sampled copies) and, for
+    kept rows, per-source sums of docs/chars/tokens/PII counts plus a token-length histogram.
+
+    Each batch is reduced to one small row and the driver adds them up: one Ray Data execution instead of a
+    groupby or a `sum()` per figure.
+    """
+    import json
+
+    import numpy as np
+
+    def part(b: pd.DataFrame) -> pd.DataFrame:
+        original = b[b["copy"] == 0] if "copy" in b else b
+        kept = b[b["drop_reason"] == KEEP]
+        cols = [c for c in kept.columns if c in SUMMED or c.startswith("pii_")]
+        sources = {}
+        for src, g in kept.groupby("source"):
+            sources[src] = {"docs": len(g), **{c: int(g[c].sum()) for c in cols}}
+        hist = np.histogram(kept["tokens"], bins=hist_edges)[0].tolist() if "tokens" in kept else []
+        return pd.DataFrame({"s": [json.dumps({"reasons": original["drop_reason"].value_counts().to_dict(),
+                                                "sources": sources, "hist": hist})]})
+
+    out: dict = {"reasons": {}, "sources": {}, "hist": [0] * (len(hist_edges) - 1)}
+    for row in ds.map_batches(part, batch_format="pandas").take_all():
+        p = json.loads(row["s"])
+        for r, c in p["reasons"].items():
+            out["reasons"][r] = out["reasons"].get(r, 0) + c
+        for src, vals in p["sources"].items():
+            acc = out["sources"].setdefault(src, {})
+            for k, v in vals.items():
+                acc[k] = acc.get(k, 0) + v
+        out["hist"] = [a + b for a, b in zip(out["hist"], p["hist"] or [0] * len(out["hist"]))]
+    return out
+
+
 class Progress:
     """Prints the live per-operator row counts every `every` seconds while the pipeline runs."""
 

@@ -1,21 +1,24 @@
 """Token accounting, source mixing and chunk-and-pack with document boundaries, as Ray Data operators.
 
-- `CountTokens`: tokens per document with a trained tokenizer (a run's or a local HF directory), so the stage can
+- `count_tokens`: tokens per document with a trained tokenizer (a run's or a local HF directory), so the stage can
   report tokens and the compression rate (tokens per character, seed 002) per source and a length histogram.
 - `mix_rates` + `apply_mix`: target ratios across sources (seed 004's domain:general 7:3) by down-sampling, or
   by down- and up-sampling at the same total size; each document's fate is a hash of its node and the seed, so
   a run is reproducible and no process needs the corpus.
-- `ChunkPack` + `pack_split`: documents split into <= chunk_tokens pieces at paragraph, then sentence boundaries
+- `ChunkPack` + `pack_splits`: documents split into <= chunk_tokens pieces at paragraph, then sentence boundaries
   (seed 004's 512-token chunks), packed into fixed-length blocks; every block lists where each of its pieces
   starts (`doc_starts`) so pre-training can mask attention across documents.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import xxhash
+from ray.data.expressions import col
 
 from raylm.config import Section
 
@@ -35,33 +38,24 @@ class MixSpec(Section):
 
 
 # ---------------------------------------------------------------- tokens
-class CountTokens:
-    def __init__(self, tokenizer_path: str):
-        from raylm.models import load_tokenizer
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    """One tokenizer per worker process: Ray Data map tasks reuse their workers, so this loads once per process
+    (an actor pool would pay a process start and the transformers import per stage instead)."""
+    from raylm.models import load_tokenizer
 
-        self.tok = load_tokenizer(tokenizer_path)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch.copy()
-        alive = (batch["drop_reason"] == KEEP).to_numpy()
-        counts = np.zeros(len(batch), dtype=np.int64)
-        if alive.any():
-            enc = self.tok(list(batch["text"][alive]), add_special_tokens=False)["input_ids"]
-            counts[alive] = [len(e) for e in enc]
-        batch["tokens"] = counts
-        return batch
+    return load_tokenizer(path)
 
 
-def token_histogram(kept) -> dict:
-    """Documents per token-length bin (edges are powers of two), summed from per-batch partial histograms."""
-    def part(batch: pd.DataFrame) -> pd.DataFrame:
-        h, _ = np.histogram(batch["tokens"].to_numpy(), bins=HIST_EDGES)
-        return pd.DataFrame({f"b{i}": [int(c)] for i, c in enumerate(h)})
-
-    rows = kept.map_batches(part, batch_format="pandas").take_all()
-    counts = [sum(r[f"b{i}"] for r in rows) for i in range(len(HIST_EDGES) - 1)]
-    labels = [f"{lo}-{hi - 1}" if hi < 2 ** 62 else f">={lo}" for lo, hi in zip(HIST_EDGES[:-1], HIST_EDGES[1:])]
-    return dict(zip(labels, counts))
+def count_tokens(batch: pd.DataFrame, tokenizer_path: str) -> pd.DataFrame:
+    batch = batch.copy()
+    alive = (batch["drop_reason"] == KEEP).to_numpy()
+    counts = np.zeros(len(batch), dtype=np.int64)
+    if alive.any():
+        enc = _tokenizer(tokenizer_path)(list(batch["text"][alive]), add_special_tokens=False)["input_ids"]
+        counts[alive] = [len(e) for e in enc]
+    batch["tokens"] = counts
+    return batch
 
 
 # ---------------------------------------------------------------- mixing
@@ -139,12 +133,17 @@ class ChunkPack:
     """map_batches: documents -> chunks -> fixed-length blocks with the start of every piece inside each block."""
 
     def __init__(self, tokenizer_path: str, chunk_tokens: int, seq_len: int):
-        from raylm.models import load_tokenizer
-
-        self.tok = load_tokenizer(tokenizer_path)
+        self.tok = _tokenizer(tokenizer_path)
         self.chunk_tokens, self.seq_len = chunk_tokens, seq_len
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    @staticmethod
+    def empty(seq_len: int) -> pa.Table:
+        return pa.table({"input_ids": pa.array([], pa.list_(pa.int32(), seq_len)),
+                         "doc_starts": pa.array([], pa.list_(pa.int32())), "chunks": pa.array([], pa.int64()),
+                         "docs_split": pa.array([], pa.int64()), "tail_tokens": pa.array([], pa.int64()),
+                         "split": pa.array([], pa.string())})
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
         texts = list(batch["text"])
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         stream, starts, n_chunks, n_split = [], [], 0, 0
@@ -156,29 +155,45 @@ class ChunkPack:
                 starts.append(len(stream))
                 stream.extend(p + [self.tok.eos_token_id])
         n = len(stream) // self.seq_len
-        blocks = np.asarray(stream[: n * self.seq_len], dtype=np.int32).reshape(n, self.seq_len)
         s = np.asarray(starts, dtype=np.int64)
-        doc_starts = []
+        offsets, flat = [0], []
         for b in range(n):
             lo, hi = b * self.seq_len, (b + 1) * self.seq_len
             inside = (s[(s >= lo) & (s < hi)] - lo).tolist()
-            doc_starts.append(np.asarray(([0] if not inside or inside[0] != 0 else []) + inside, dtype=np.int32))
-        return pd.DataFrame({"input_ids": list(blocks), "doc_starts": doc_starts,
-                             "chunks": [n_chunks] + [0] * max(0, n - 1) if n else [],
-                             "docs_split": [n_split] + [0] * max(0, n - 1) if n else [],
-                             "tail_tokens": [len(stream) - n * self.seq_len] + [0] * max(0, n - 1) if n else []})
+            flat += ([0] if not inside or inside[0] != 0 else []) + inside
+            offsets.append(len(flat))
+        ids = pa.array(np.asarray(stream[: n * self.seq_len], dtype=np.int32))
+        # plain Arrow lists (not Ray's tensor extension type), so any Parquet reader gets int lists back
+        first = np.zeros(n, dtype=np.int64)
+        if n:
+            first[0] = 1
+        return pa.table({
+            "input_ids": pa.FixedSizeListArray.from_arrays(ids, self.seq_len) if n else
+            pa.array([], pa.list_(pa.int32(), self.seq_len)),
+            "doc_starts": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32())),
+            "chunks": first * n_chunks, "docs_split": first * n_split,
+            "tail_tokens": first * (len(stream) - n * self.seq_len)})
 
 
-def pack_split(ds, tokenizer_path: str, spec, uri: str) -> dict:
-    """Chunk + pack one split to Parquet at `uri`; returns blocks, tokens, chunks, documents split."""
-    import ray
+def pack_splits(kept, tokenizer_path: str, spec, uri_of) -> dict:
+    """Chunk + pack the train and val rows of `kept` (one pass, map tasks) to Parquet at `uri_of(split)`."""
+    def pack(batch: pd.DataFrame) -> pa.Table:
+        packer = ChunkPack(tokenizer_path, spec.chunk_tokens, spec.seq_len)
+        tables = []
+        for split in ("train", "val"):  # blocks never mix splits
+            rows = batch[batch["split"] == split]
+            if len(rows):
+                t = packer(rows)
+                tables.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
+        return pa.concat_tables(tables) if tables else ChunkPack.empty(spec.seq_len)
 
-    packed = ds.map_batches(ChunkPack, fn_constructor_args=(tokenizer_path, spec.chunk_tokens, spec.seq_len),
-                            batch_size=1024, batch_format="pandas", concurrency=1)
-    packed.write_parquet(uri)
-    back = ray.data.read_parquet(uri, columns=["chunks", "docs_split", "tail_tokens"])
-    blocks = back.count()
-    return {"blocks": blocks, "seq_len": spec.seq_len, "tokens": blocks * spec.seq_len,
-            "chunks": int(back.sum("chunks") or 0) if blocks else 0,
-            "docs_split": int(back.sum("docs_split") or 0) if blocks else 0,
-            "tail_tokens_dropped": int(back.sum("tail_tokens") or 0) if blocks else 0}
+    packed = kept.map_batches(pack, batch_size=1024, batch_format="pandas").materialize()
+    out = {}
+    for split in ("train", "val"):
+        rows = packed.filter(expr=col("split") == split)
+        rows.drop_columns(["split"]).write_parquet(uri_of(split))
+        stats = rows.select_columns(["chunks", "docs_split", "tail_tokens"]).to_pandas()
+        out[split] = {"blocks": len(stats), "seq_len": spec.seq_len, "tokens": len(stats) * spec.seq_len,
+                      "chunks": int(stats["chunks"].sum()), "docs_split": int(stats["docs_split"].sum()),
+                      "tail_tokens_dropped": int(stats["tail_tokens"].sum())}
+    return out

@@ -89,7 +89,7 @@ def jaccard(a: str, b: str, n: int = 5) -> float:
 
 
 def planted_corpus(n_docs: int, dup_fraction: float = 0.3, hard_negative_fraction: float = 0.05,
-                   words: tuple[int, int] = (150, 400), seed: int = 0, edit: tuple[float, float] = (0.01, 0.04),
+                   words: tuple[int, int] = (150, 400), seed: int = 0, edit: tuple[float, float] = (0.0, 0.02),
                    source: str = "synthetic") -> tuple[list[dict], list[tuple[str, str]]]:
     """(records, planted (copy id, original id) pairs). Ids are zero-padded so string order is creation order."""
     g = Generator(seed)
