@@ -187,17 +187,61 @@ def pick(d: dict, *keys: str) -> dict:
 
 
 # ---------------------------------------------------------------- sections
+def funnel_chart(rows: list[dict]) -> str | None:
+    """Documents entering each curate operator, in pipeline order, with what each removed."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 0.8))
+    names = [r["op"] for r in rows][::-1]
+    kept = [r["kept"] for r in rows][::-1]
+    removed = [r["removed"] for r in rows][::-1]
+    ax.barh(names, kept, color="#4c72b0", label="kept")
+    ax.barh(names, removed, left=kept, color="#dd8452", label="removed")
+    for y, (k, r) in enumerate(zip(kept, removed)):
+        if r:
+            ax.text(k + r, y, f" -{r:,}", va="center", fontsize=7)
+    ax.set_xlabel("documents")
+    ax.set_title("curation funnel (in = kept + removed, per operator)")
+    ax.legend(loc="lower right", fontsize=7)
+    return _png(fig)
+
+
 def section_data(m: Manifest) -> str:
     x = m.metrics
-    counts = pick(x, "docs_in", "docs_kept", "docs_dropped", "docs_quarantined", "duplicates_removed", "kept_chars",
-                  "kept_pretokens")
+    counts = pick(x, "docs_in", "docs_kept", "docs_dropped", "docs_quarantined", "duplicates_removed",
+                  "fuzzy_duplicates_removed", "paragraphs_removed", "kept_chars", "kept_pretokens")
     rules = pick(m.config, "source", "sources", "min_chars", "max_chars", "min_alpha_ratio",
                  "max_repeated_line_fraction", "val_percent")
+    for key in ("language", "fuzzy_dedup", "mix"):
+        if isinstance(m.config.get(key), dict):
+            rules.update({f"{key}.{k}": v for k, v in m.config[key].items() if v not in (None, {}, [])})
     per_source = [{"source": s, **v} for s, v in x.get("per_source", {}).items()]
+    funnel = [{k: r[k] for k in ("op", "in", "kept", "removed", "seconds", "docs_per_s")} for r in x.get("funnel", [])]
+    extra = ""
+    if x.get("dedup_graph"):
+        extra += f"<h3>Deduplication graph</h3>{kv_table(x['dedup_graph'])}"
+    if x.get("pii_replaced"):
+        extra += f"<h3>PII replaced (by type)</h3>{kv_table(x['pii_replaced'])}"
+    if x.get("mixing"):
+        mix = x["mixing"]
+        extra += ("<h3>Mixing (target vs achieved share)</h3>"
+                  + grid([{"source": s, "target weight": mix["target"].get(s), "rate": round(mix["rates"].get(s, 1), 4),
+                           "achieved share": v} for s, v in mix["achieved"].items()]))
+    if x.get("tokens"):
+        extra += (f"<h3>Tokens</h3>{kv_table({'total': x['tokens']['total'], **{f'tokens/char {s}': v for s, v in x['tokens']['tokens_per_char'].items()}})}"
+                  f"<h4>Document length histogram (tokens)</h4>{kv_table(x['tokens']['histogram'])}")
+    if x.get("packed"):
+        extra += f"<h3>Packed blocks</h3>{grid([{'split': s, **v} for s, v in x['packed'].items()])}"
     return (f"<h2>2. Data (curate)</h2>{run_header(m)}<h3>Counts (in = kept + dropped + quarantined)</h3>"
-            f"{kv_table(counts)}<h3>Cleaning rules</h3>{kv_table(rules)}"
+            f"{kv_table(counts)}<h3>Funnel</h3>{img(funnel_chart(x.get('funnel', [])))}{grid(funnel)}"
+            f"<h3>Cleaning rules</h3>{kv_table(rules)}"
             f"<h3>Drop and quarantine reasons</h3>{kv_table({**x.get('drop_reasons', {}), **x.get('quarantine_reasons', {})})}"
-            f"<h3>Sources (mix)</h3>{grid(per_source)}<h3>Splits</h3>{kv_table(x.get('splits', {}))}")
+            f"{extra}<h3>Sources (mix)</h3>{grid(per_source)}<h3>Splits</h3>{kv_table(x.get('splits', {}))}")
 
 
 def section_tokenizer(m: Manifest) -> str:

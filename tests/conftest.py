@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")  # see raylm.cluster.WORKER_ENV
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,10 +21,12 @@ def recipe(stage):
 
 def test_malformed_jsonl_is_quarantined_and_counts_add_up(ray_cluster, tmp_path):
     src = tmp_path / "docs.jsonl"
-    good = "The quick brown fox jumps over the lazy dog while the cat watches quietly from the window. " * 3
-    lines = [json.dumps({"id": f"d{i}", "source": "web", "text": f"{good} Document number {i} is unique."})
-             for i in range(20)]
-    lines += [json.dumps({"id": "dup", "source": "web", "text": f"{good} Document number 3 is unique."}),
+    from raylm.data.synth import Generator
+
+    g = Generator(seed=3)  # distinct English-like documents: the quality filters and fuzzy dedup keep them all
+    docs = [g.document(80) for _ in range(20)]
+    lines = [json.dumps({"id": f"d{i}", "source": "web", "text": t}) for i, t in enumerate(docs)]
+    lines += [json.dumps({"id": "dup", "source": "web", "text": docs[3]}),
               "{broken json", json.dumps(["not", "an", "object"]), json.dumps({"id": "x", "body": "no text"}),
               json.dumps({"id": "short", "source": "web", "text": "too short"}),
               json.dumps({"id": "junk", "source": "web", "text": "1234567890 " * 30})]

@@ -36,6 +36,13 @@ def test_curate_counts_add_up_and_duplicates_are_gone(lifecycle):
     excluded = pq.read_table(m.outputs["excluded"].uri).to_pandas()
     assert len(excluded) == x["docs_dropped"] + x["docs_quarantined"]
     assert (excluded["drop_reason"] != "").all()
+    # the default pipeline runs every operator; the funnel chains (each operator's in = the previous one's kept)
+    ops = [r["op"] for r in x["funnel"]]
+    assert ops[0] == "read" and {"language", "gopher", "c4", "repetition", "pii", "exact_dedup", "fuzzy_dedup"} <= set(ops)
+    assert all(b["in"] == a["kept"] for a, b in zip(x["funnel"], x["funnel"][1:]))
+    assert x["fuzzy_duplicates_removed"] > 0  # the licence texts ship near-identical copies too
+    fuzzy = excluded[excluded["drop_reason"] == "fuzzy_duplicate"]
+    assert fuzzy["duplicate_of"].str.len().gt(0).all()
 
 
 def test_tokenizer_records_vocab_and_compression(lifecycle):
@@ -167,7 +174,7 @@ def test_serve_answered_completion_and_chat_and_rejected_bad_request(lifecycle):
 def test_report_shows_every_stage_with_curves(lifecycle):
     m = manifest(lifecycle, "report")
     page = open(m.metrics["index"]).read()
-    for heading in ("Overview", "Data (curate)", "Tokenizer", "Architecture and pre-training",
+    for heading in ("Overview", "Data (curate)", "Funnel", "Tokenizer", "Architecture and pre-training",
                     "Supervised fine-tuning", "Preference alignment", "Reward model", "Online RL", "Evaluation",
                     "Serving", "Environment"):
         assert heading in page, heading

@@ -86,6 +86,20 @@ def paragraphs(text: str) -> list[str]:
     return [p for p in text.split("\n\n")]
 
 
+def batch_paragraph_hashes(texts, min_chars: int) -> list[list[int]]:
+    """paragraph_hashes for many texts with one vectorised hashing call (per-call overhead dominates per text)."""
+    paras = [[q for q in (" ".join(p.split()) for p in paragraphs(t)) if len(q) >= min_chars] for t in texts]
+    flat = pd.Series([q for ps in paras for q in ps], dtype=object)
+    if not len(flat):
+        return [[] for _ in paras]
+    h = pd.util.hash_pandas_object(flat, index=False).to_numpy().view(np.int64).tolist()
+    out, i = [], 0
+    for ps in paras:
+        out.append(h[i:i + len(ps)])
+        i += len(ps)
+    return out
+
+
 def paragraph_hashes(text: str, min_chars: int) -> np.ndarray:
     """int64 hashes of the paragraphs (whitespace-normalised) of at least `min_chars` characters."""
     keep = [q for q in (" ".join(p.split()) for p in paragraphs(text)) if len(q) >= min_chars]
@@ -207,41 +221,6 @@ def bucket_rows(batch: pd.DataFrame, exact: bool, paragraphs: bool, num_perm: in
                          "bucket": np.concatenate([b for _, b, _ in out]),
                          "node": np.concatenate([n for _, _, n in out])}) if out else \
         pd.DataFrame({"kind": np.zeros(0, np.int8), "bucket": np.zeros(0, np.int64), "node": []})
-
-
-ALL_PAIRS_MAX = 8  # LSH buckets up to this size link every pair, larger ones a star from their smallest node
-_NO_LINKS = {"kind": np.zeros(0, np.int8), "a": np.zeros(0, object), "b": np.zeros(0, object),
-             "bucket": np.zeros(0, np.int64)}
-
-
-def bucket_links(group: dict) -> dict:
-    """map_groups in numpy format (far less per-group overhead than pandas; most buckets hold one document).
-
-    EXACT/LSH -> edges from the smallest node to every other member (a, b);
-    PARAGRAPH -> every member but the smallest has that paragraph removed: (a=node, bucket)."""
-    if len(group["node"]) < 2:
-        return _NO_LINKS
-    kinds, a, b, bucket = [], [], [], []
-    for kind in np.unique(group["kind"]):
-        nodes = sorted(set(group["node"][group["kind"] == kind]))
-        k = len(nodes) - 1
-        if k < 1:
-            continue
-        if kind == PARAGRAPH:
-            a += nodes[1:]
-            b += [""] * k
-        elif kind == LSH and len(nodes) <= ALL_PAIRS_MAX:  # all pairs: verification may reject the star's centre
-            pairs = [(x, y) for i, x in enumerate(nodes) for y in nodes[i + 1:]]
-            k = len(pairs)
-            a += [x for x, _ in pairs]
-            b += [y for _, y in pairs]
-        else:
-            a += [nodes[0]] * k
-            b += nodes[1:]
-        kinds += [kind] * k
-        bucket += [group["bucket"][0]] * k
-    return {"kind": np.asarray(kinds, dtype=np.int8), "a": np.asarray(a, dtype=object),
-            "b": np.asarray(b, dtype=object), "bucket": np.asarray(bucket, dtype=np.int64)}
 
 
 def paragraph_bucket(h: int) -> int:
