@@ -83,7 +83,9 @@ def main() -> None:
     cfg = load_config(curate.Config, None, [f"root={root}", f"source={corpus}", "tasks.enabled=false",
                                             f"tokens.tokenizer_path={tok_dir}", "pack.enabled=true",
                                             "pack.chunk_tokens=512", "pack.seq_len=1024"])
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    from raylm.cluster import init_ray
+
+    init_ray()  # the same local cluster `raylm run` starts (curate caps Ray Data at the machine's cores)
     sampler = Sampler()
     sampler.start()
     t = time.time()

@@ -238,8 +238,9 @@ def run_raylm(jsonl: str, root: str, fuzzy_only: bool) -> dict:
         op_seconds.update({k: v for k, v in seconds.items() if isinstance(v, dict) and "rows" in v})
         return real_funnel(order, reasons, seconds, n_in)
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": WORKER_ENV})
+    from raylm.cluster import init_ray
+
+    init_ray()  # the local cluster `raylm run` starts; curate caps Ray Data at the machine's cores
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

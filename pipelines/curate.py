@@ -183,21 +183,15 @@ def dedup_graph(docs_uri: str, cfg: Config, parts: int, timings: dict) -> tuple:
                    "exact": ex.enabled, "paragraphs": ex.enabled and ex.paragraphs, "num_perm": f.num_perm,
                    "bands": bands, "rows": rows})
                .materialize())
-    # Almost every bucket holds one document. A vectorised (Arrow) aggregation gives each bucket's size and
-    # smallest node; joining the shared ones back links every other member to that node: an edge (exact, LSH)
-    # or a paragraph removal. No per-group Python (map_groups cost ~0.7 ms a group: 69 s for 96k buckets).
-    from ray.data.aggregate import Count, Min
-
-    heads = (rows_ds.groupby("bucket", num_partitions=parts).aggregate(Count(), Min("node"))
-             .filter(expr=col("count()") > 1).select_columns(["bucket", "min(node)"])
-             .rename_columns({"min(node)": "head"}).materialize())
-    facts["shared_buckets"] = heads.count()
-    links = (rows_ds.join(heads, "inner", parts, on=("bucket",)).filter(expr=col("node") != col("head"))
-             .rename_columns({"head": "a", "node": "b"}).materialize()) if facts["shared_buckets"] else None
+    # Almost every bucket holds one document. Whole hash partitions of the bucket rows go to pyarrow, which finds
+    # each shared bucket's smallest node and links every other member to it: an edge (exact, LSH) or a
+    # paragraph removal. (Ray Data's own groupby/aggregate run Python per bucket: 648 s on the 1 GB run.)
+    n_bucket_rows = rows_ds.count()
+    facts["bucket_rows"] = n_bucket_rows
+    links = dedup.grouped(rows_ds, lambda t: t["bucket"].to_numpy(), max(parts, -(-n_bucket_rows // 1_000_000)),
+                          dedup.shared_bucket_links).materialize()
+    facts["links"] = links.count()
     facts["links_s"] = round(time.time() - t, 2)
-    if links is None:
-        timings["dedup_graph_s"] = round(time.time() - t, 2)
-        return None, facts
     edges = links.filter(expr=col("kind") == dedup.EXACT).select_columns(["a", "b"])
     lsh = links.filter(expr=col("kind") == dedup.LSH).select_columns(["a", "b"])
     t1 = time.time()
@@ -227,14 +221,19 @@ def dedup_graph(docs_uri: str, cfg: Config, parts: int, timings: dict) -> tuple:
                                  "para": b["bucket"].astype(np.int64), "is_para": np.ones(len(b), bool)})
         return fn
 
-    def collect(g: dict) -> pd.DataFrame:
-        reps = [r for r in g["rep"] if r]
-        return pd.DataFrame({"node": [g["node"][0]], "rep": [reps[0] if reps else ""],
-                             "drop_paras": [sorted(int(p) for p in set(g["para"][g["is_para"]]))]})
+    def collect(t: pa.Table) -> pa.Table:
+        """One row per node: its component's representative (or "") and the paragraph buckets to remove."""
+        reps = t.filter(pc.invert(t["is_para"])).group_by("node").aggregate([("rep", "max")])
+        paras = t.filter(t["is_para"]).group_by("node").aggregate([("para", "distinct")])
+        out = reps.to_pandas().merge(paras.to_pandas(), on="node", how="outer")  # arrow joins take no lists
+        return pa.table({"node": pa.array(out["node"], pa.string()),
+                         "rep": pa.array(out["rep_max"].fillna(""), pa.string()),
+                         "drop_paras": pa.array([p if isinstance(p, (list, np.ndarray)) else None
+                                                 for p in out["para_distinct"]], pa.list_(pa.int64()))})
 
-    annotation = (dup_map.map_batches(as_rows("dup"), batch_format="pandas")
-                  .union(para.map_batches(as_rows("para"), batch_format="pandas"))
-                  .groupby("node", num_partitions=parts).map_groups(collect, batch_format="numpy").materialize())
+    both = (dup_map.map_batches(as_rows("dup"), batch_format="pandas")
+            .union(para.map_batches(as_rows("para"), batch_format="pandas")))
+    annotation = dedup.grouped(both, lambda t: dedup.node_key(t["node"]), parts, collect).materialize()
     return annotation, facts
 
 
@@ -248,10 +247,10 @@ def verified(pairs, docs_uri: str, f: dedup.FuzzySpec, parts: int):
 
     sigs = (ray.data.read_parquet(docs_uri, columns=["node", "sig", "drop_reason"])
             .filter(expr=col("drop_reason") == KEEP).select_columns(["node", "sig"]))
-    pairs = pairs.groupby(["a", "b"], num_partitions=parts).count().select_columns(["a", "b"]).materialize()
-    facts = {"candidate_pairs": pairs.count()}
-    if facts["candidate_pairs"] <= f.local_max_edges:
-        df = pairs.to_pandas()
+    facts = {"candidate_links": pairs.count()}  # a pair sharing several bands is listed once per band
+    if facts["candidate_links"] <= f.local_max_edges:
+        df = pairs.to_pandas().drop_duplicates()
+        facts["candidate_pairs"] = len(df)
         wanted = [ray.put(pd.Index(sorted(set(df["a"]) | set(df["b"]))))]  # a list: Ray Data keeps the ref as is
 
         def only_wanted(b: pd.DataFrame) -> pd.DataFrame:
@@ -261,6 +260,9 @@ def verified(pairs, docs_uri: str, f: dedup.FuzzySpec, parts: int):
         sig = dict(zip(found["node"], found["sig"]))
         df["sig_a"], df["sig_b"] = df["a"].map(sig), df["b"].map(sig)
         return ray.data.from_pandas(df[dedup.estimated_jaccard(df, f.num_perm) >= f.threshold][["a", "b"]]), facts
+    pairs = dedup.grouped(pairs, dedup.pair_key, max(parts, -(-facts["candidate_links"] // 1_000_000)),
+                          dedup.distinct_pairs).materialize()
+    facts["candidate_pairs"] = pairs.count()
     both = (pairs.join(sigs.rename_columns({"node": "a", "sig": "sig_a"}), "inner", parts, on=("a",))
             .join(sigs.rename_columns({"node": "b", "sig": "sig_b"}), "inner", parts, on=("b",)))
     return both.map_batches(lambda b: b[dedup.estimated_jaccard(b, f.num_perm) >= f.threshold][["a", "b"]],
@@ -320,7 +322,10 @@ def body(run, inputs, cfg: Config) -> None:
     if len(nodes) == 1 and ray.cluster_resources().get("CPU", 0) > (os.cpu_count() or 1):
         # A local cluster advertises more CPUs than cores (Serve needs the slots); Ray Data would run that many
         # tasks at once on 2 cores: each 4x slower, more memory, nothing gained.
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=os.cpu_count())
+        # (+1: readers ask for half a CPU, and Ray Data's budget keeps a reserve per operator; with +0.5 the
+        # operators ran one task at a time behind a reading file, measured on the 1 GB run.)
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            cpu=(os.cpu_count() or 1) + 1)
     tok_path = inputs["tokenizer"].uri if "tokenizer" in inputs else cfg.tokens.tokenizer_path
     stats = FunnelStats.remote()
     ops = _operators(cfg)
@@ -464,7 +469,17 @@ def _write_splits(run, kept, cfg: Config, tok_path: str | None) -> dict:
         with run.time("pack_s"):
             out["packed"] = pack_splits(kept, tok_path, cfg.pack, lambda split: run.uri("data", f"packed_{split}"))
             counts.update({f"packed_{s}": v["blocks"] for s, v in out["packed"].items()})
+            # what pretrain checks before it uses the blocks instead of packing the text itself
+            _write_json(run.uri("data", "packed.json"), {"tokenizer": tok_path, "seq_len": cfg.pack.seq_len,
+                                                         "chunk_tokens": cfg.pack.chunk_tokens})
     return out
+
+
+def _write_json(uri: str, obj: dict) -> None:
+    import fsspec
+
+    with fsspec.open(uri, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def _remove(uri: str) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import ray
 from transformers import AutoConfig
 
-from raylm.config import ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.config import ConfigError, ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
 from raylm.data.cache import tokenized
-from raylm.data.tokenize import PACK_BATCH_ROWS, PackText
+from raylm.data.tokenize import PACK_BATCH_ROWS, pack_text
 from raylm.models import architecture, flops_per_token
 from raylm.runs import local_path
 from raylm.stage import require_paths
@@ -26,6 +27,10 @@ METRICS = logged_metrics("lm")  # per log step: what a sweep can optimise
 
 
 class Config(StageConfig):
+    # Train on the dataset's packed blocks (curate's pack.enabled: chunked at paragraph/sentence ends, document
+    # starts recorded) instead of packing its text here. None: when the dataset has them for this tokenizer and
+    # seq_len. (Masking attention across the recorded document starts is not done yet: the blocks train as is.)
+    use_packed: bool | None = None
     model: ModelSpec = ModelSpec()
     optim: OptimSpec = OptimSpec(lr=3e-3, warmup_steps=20)
     train: TrainSpec = TrainSpec(max_steps=200, batch_size=16, seq_len=128, eval_every=25)
@@ -35,23 +40,57 @@ class Config(StageConfig):
 def packed(uri: str, tok_path: str, seq_len: int, seed: int | None = None):
     """Packed blocks; with a seed (the training split) globally shuffled: curated text arrives grouped by source."""
     def build():
-        ds = ray.data.read_parquet(uri).map_batches(PackText, fn_constructor_args=(tok_path, seq_len),
-                                                    compute=ray.data.ActorPoolStrategy(size=1),
+        ds = ray.data.read_parquet(uri).map_batches(pack_text, fn_kwargs={"tokenizer_path": tok_path,
+                                                                          "seq_len": seq_len},
                                                     batch_size=PACK_BATCH_ROWS, batch_format="pandas")
         return ds.random_shuffle(seed=seed) if seed is not None else ds
 
-    return tokenized(build, {"uri": uri, "tokenizer": tok_path, "seq_len": seq_len, "op": "PackText", "seed": seed})
+    return tokenized(build, {"uri": uri, "tokenizer": tok_path, "seq_len": seq_len, "op": "pack_text", "seed": seed})
+
+
+def curated_blocks(data: str, tok_path: str, cfg: Config) -> bool:
+    """Whether to read the dataset's packed blocks; a clear error when asked for blocks that do not fit."""
+    import json
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{data}/packed.json")
+    if cfg.use_packed is False or (not fs.exists(path) and cfg.use_packed is None):
+        return False
+    if not fs.exists(path):
+        raise ConfigError(f"use_packed=true but dataset {data} has no packed blocks (curate with pack.enabled=true)")
+    meta = json.loads(fs.cat(path))
+    same = meta["seq_len"] == cfg.train.seq_len and meta["tokenizer"].rstrip("/") == tok_path.rstrip("/")
+    if not same and cfg.use_packed:
+        raise ConfigError(f"use_packed=true: the dataset's blocks are {meta['seq_len']} tokens from tokenizer "
+                          f"{meta['tokenizer']}; this run has train.seq_len={cfg.train.seq_len} and {tok_path}")
+    return same
+
+
+def read_blocks(uri: str, seed: int | None = None):
+    def as_lm(batch: dict) -> dict:
+        ids = np.stack(batch["input_ids"]).astype(np.int64)
+        return {"input_ids": ids, "labels": ids.copy()}
+
+    ds = ray.data.read_parquet(uri, columns=["input_ids"]).map_batches(as_lm, batch_format="numpy")
+    return (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
 
 
 def check(inputs, cfg: Config) -> None:
     require_paths(STAGE, inputs["dataset"].uri, {"train split": "text_train", "val split": "text_val"})
+    curated_blocks(inputs["dataset"].uri, inputs["tokenizer"].uri, cfg)
 
 
 def body(run, inputs, cfg: Config) -> None:
     data, tok_path = inputs["dataset"].uri, inputs["tokenizer"].uri
+    use_blocks = curated_blocks(data, tok_path, cfg)
     with run.time("tokenize_s"):
-        train = packed(f"{data}/text_train", tok_path, cfg.train.seq_len, cfg.train.seed)
-        val = packed(f"{data}/text_val", tok_path, cfg.train.seq_len)
+        if use_blocks:
+            train = read_blocks(f"{data}/packed_train", cfg.train.seed)
+            val = read_blocks(f"{data}/packed_val")
+        else:
+            train = packed(f"{data}/text_train", tok_path, cfg.train.seq_len, cfg.train.seed)
+            val = packed(f"{data}/text_val", tok_path, cfg.train.seq_len)
     job = {"objective": "lm", "loss": "causal_lm", "tokenizer_path": tok_path,
            "model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
     with run.time("train_s"):
@@ -64,7 +103,7 @@ def body(run, inputs, cfg: Config) -> None:
     run.log_history(out["history"])
     first, last = out["history"][0], out["history"][-1]
     run.log_metrics({
-        "architecture": arch, "params": n_params, "train_blocks": train.count(),
+        "architecture": arch, "params": n_params, "train_blocks": train.count(), "curated_blocks": use_blocks,
         "dataset_tokens": train.count() * cfg.train.seq_len, "tokens_seen": last["tokens_seen"],
         "tokens_per_step": n_tokens_step, "epochs": round(last["tokens_seen"] / max(1, train.count() *
                                                                                       cfg.train.seq_len), 2),

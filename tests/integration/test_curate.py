@@ -204,3 +204,18 @@ def test_tokens_and_packed_blocks_keep_document_boundaries(curated):
     for ids, starts in zip(packed["input_ids"], packed["doc_starts"]):
         assert len(ids) == 256 and starts[0] == 0 and list(starts) == sorted(set(starts))
         assert all(ids[s - 1] == eos for s in starts[1:])  # every piece after the first follows an EOS
+
+
+def test_pretrain_reads_the_packed_blocks_and_refuses_mismatched_ones(curated):
+    from pipelines import pretrain
+    from raylm.config import ConfigError
+
+    data, tok = curated["data"], curated["tok"]
+    cfg = load_config(pretrain.Config, None, ["train.seq_len=256"])
+    assert pretrain.curated_blocks(data, tok, cfg) is True  # auto: same tokenizer and length
+    batch = pretrain.read_blocks(f"{data}/packed_train").take_batch(4)
+    assert batch["input_ids"].shape == (4, 256) and (batch["labels"] == batch["input_ids"]).all()
+    assert pretrain.curated_blocks(data, tok, load_config(pretrain.Config, None, ["train.seq_len=128"])) is False
+    with pytest.raises(ConfigError, match="blocks are 256 tokens"):
+        pretrain.curated_blocks(data, tok, load_config(pretrain.Config, None, ["train.seq_len=128",
+                                                                              "use_packed=true"]))

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import functools
 import re
 
 import numpy as np
@@ -21,6 +20,7 @@ import xxhash
 from ray.data.expressions import col
 
 from raylm.config import Section
+from raylm.data.tokenize import cached_tokenizer
 
 KEEP = ""
 HIST_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 2 ** 62]
@@ -38,21 +38,12 @@ class MixSpec(Section):
 
 
 # ---------------------------------------------------------------- tokens
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    """One tokenizer per worker process: Ray Data map tasks reuse their workers, so this loads once per process
-    (an actor pool would pay a process start and the transformers import per stage instead)."""
-    from raylm.models import load_tokenizer
-
-    return load_tokenizer(path)
-
-
 def count_tokens(batch: pd.DataFrame, tokenizer_path: str) -> pd.DataFrame:
     batch = batch.copy()
     alive = (batch["drop_reason"] == KEEP).to_numpy()
     counts = np.zeros(len(batch), dtype=np.int64)
     if alive.any():
-        enc = _tokenizer(tokenizer_path)(list(batch["text"][alive]), add_special_tokens=False)["input_ids"]
+        enc = cached_tokenizer(tokenizer_path)(list(batch["text"][alive]), add_special_tokens=False)["input_ids"]
         counts[alive] = [len(e) for e in enc]
     batch["tokens"] = counts
     return batch
@@ -133,7 +124,7 @@ class ChunkPack:
     """map_batches: documents -> chunks -> fixed-length blocks with the start of every piece inside each block."""
 
     def __init__(self, tokenizer_path: str, chunk_tokens: int, seq_len: int):
-        self.tok = _tokenizer(tokenizer_path)
+        self.tok = cached_tokenizer(tokenizer_path)
         self.chunk_tokens, self.seq_len = chunk_tokens, seq_len
 
     @staticmethod

@@ -1,11 +1,13 @@
 """Tokenization as Ray Data `map_batches` operators (callable classes: the tokenizer loads once per actor).
 
-- `PackText`: documents -> fixed-length blocks for causal-LM pre-training (HF `group_texts` per batch).
+- `pack_text`: documents -> fixed-length blocks for causal-LM pre-training (HF `group_texts` per batch).
 - `ChatExamples`: prompt/answer -> ChatML tokens with assistant-only labels (prompt tokens masked).
 - `PreferencePairs`: prompt/chosen/rejected -> two such sequences per row.
 Fixed lengths let `iter_torch_batches` stack rows without a collate function.
 """
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import pandas as pd
@@ -18,18 +20,21 @@ from raylm.models import load_tokenizer
 PACK_BATCH_ROWS = 1024
 
 
-class PackText:
-    def __init__(self, tokenizer_path: str, seq_len: int):
-        self.tok = load_tokenizer(tokenizer_path)
-        self.seq_len = seq_len
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(path: str):
+    """One tokenizer per worker process. Ray Data map *tasks* reuse their worker processes, so this loads once per
+    process; an actor pool paid ~5 s per stage to start processes and import transformers (benchmarks/RESULTS.md)."""
+    return load_tokenizer(path)
 
-    def __call__(self, batch: pd.DataFrame) -> dict:
-        ids: list[int] = []
-        for enc in self.tok(list(batch["text"]), add_special_tokens=False)["input_ids"]:
-            ids.extend(enc + [self.tok.eos_token_id])
-        n = len(ids) // self.seq_len
-        blocks = np.asarray(ids[: n * self.seq_len], dtype=np.int64).reshape(n, self.seq_len)
-        return {"input_ids": blocks, "labels": blocks.copy()}
+
+def pack_text(batch: pd.DataFrame, tokenizer_path: str, seq_len: int) -> dict:
+    tok = cached_tokenizer(tokenizer_path)
+    ids: list[int] = []
+    for enc in tok(list(batch["text"]), add_special_tokens=False)["input_ids"]:
+        ids.extend(enc + [tok.eos_token_id])
+    n = len(ids) // seq_len
+    blocks = np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+    return {"input_ids": blocks, "labels": blocks.copy()}
 
 
 def chat_tokens(tok, prompt: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:
