@@ -418,6 +418,8 @@ def body(run, inputs, cfg: Config) -> None:
         "paragraphs_removed": sum(v.get("paragraphs_removed", 0) for v in per_source.values()),
         "task_families": splits["task_families"],
     }
+    if splits.get("tasks_mix"):  # the synthetic tasks' train rows, added to the pre-training text as a source
+        metrics["per_source"] = {**per_source, "tasks": splits["tasks_mix"]}
     if mixing:
         metrics["mixing"] = mixing
     if tok_path:
@@ -455,6 +457,7 @@ def _write_splits(run, kept, cfg: Config, tok_path: str | None) -> dict:
             mix = pd.DataFrame([{"id": t["id"], "source": "tasks", "text": tasks.as_text(t)}
                                 for t in task_rows if t["split"] == "train"])
             train = train.union(ray.data.from_arrow(pa.Table.from_pandas(mix[cols], preserve_index=False)))
+            out_mix = {"docs": len(mix), "chars": int(mix["text"].str.len().sum()), "pretokens": None}
     # one file per split while small (later stages read the rows in this order); many files at scale
     for ds, name in ((train, "text_train"), (val, "text_val")):
         (ds.repartition(1) if ds.count() <= 200_000 else ds).write_parquet(run.uri("data", name))
@@ -465,6 +468,8 @@ def _write_splits(run, kept, cfg: Config, tok_path: str | None) -> dict:
             ray.data.from_pandas(tdf[tdf["split"] == split]).repartition(1).write_parquet(run.uri("data", name))
             counts[name] = int((tdf["split"] == split).sum())
     out = {"counts": counts, "task_families": sorted({t["family"] for t in task_rows})}
+    if cfg.tasks.enabled and cfg.tasks.in_pretrain_mix:
+        out["tasks_mix"] = out_mix
     if cfg.pack.enabled:
         with run.time("pack_s"):
             out["packed"] = pack_splits(kept, tok_path, cfg.pack, lambda split: run.uri("data", f"packed_{split}"))

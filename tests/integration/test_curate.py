@@ -1,7 +1,7 @@
 """The curate pipeline on small real files: every operator's outcome asserted on one shared run.
 
-The run reads three inputs (gzip JSONL with planted near-duplicates and malformed lines, a Parquet file of a second
-source, a directory of text files), forces the distributed connected-components path, mixes the two main sources
+The run reads three inputs (a glob of gzip + zstd JSONL with planted near-duplicates and malformed lines, a Parquet
+file of a second source, a directory of text files), forces the distributed connected-components path, mixes the two main sources
 7:3 and packs with a tokenizer trained here. Each test checks one operator's effect on that run.
 """
 from __future__ import annotations
@@ -63,8 +63,11 @@ def corpus(tmp_path_factory):
            json.dumps({"id": "huge-1", "text": "x " * 1_100_000}).encode(),  # a 2.2 MB line
            json.dumps({"id": "empty-1", "text": "   "}).encode(),
            json.dumps({"id": "notext-1", "body": "no text field"}).encode()]
-    with gzip.open(d / "domain.jsonl.gz", "wb") as f:
-        f.write(b"\n".join(lines[:200] + bad + lines[200:]) + b"\n")
+    with gzip.open(d / "domain-a.jsonl.gz", "wb") as f:
+        f.write(b"\n".join(lines[:200] + bad) + b"\n")
+    import zstandard
+
+    (d / "domain-b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines[200:]) + b"\n"))
     general = [{"id": f"gen{i:05d}", "text": g.document(g.rng.randint(150, 300))} for i in range(160)]
     pq.write_table(pa.Table.from_pylist(general), d / "general.parquet")
     (d / "notes").mkdir()
@@ -85,7 +88,7 @@ def curated(ray_cluster, corpus, tmp_path_factory):
     d = corpus["dir"]
     cfg = load_config(curate.Config, None, [
         f"root={root}", "tasks.enabled=false", "val_percent=10",
-        f'read=[{{path: "{d}/domain.jsonl.gz"}}, {{path: "{d}/general.parquet", source: general}}, '
+        f'read=[{{path: "{d}/domain-*"}}, {{path: "{d}/general.parquet", source: general}}, '
         f'{{path: "{d}/notes", source: notes}}]',
         "mix.ratios={domain: 7, general: 3}", "mix.by=chars",
         "fuzzy_dedup.local_max_edges=0",  # the distributed components rounds, not the one-task finish
