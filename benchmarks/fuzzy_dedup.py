@@ -214,7 +214,6 @@ def run_raylm(jsonl: str, root: str, fuzzy_only: bool) -> dict:
     import ray
 
     import pipelines.curate as c
-    from raylm.cluster import WORKER_ENV
     from raylm.config import load_config
     from raylm.runs import RunStore
     from raylm.stage import execute
