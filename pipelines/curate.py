@@ -317,7 +317,7 @@ def body(run, inputs, cfg: Config) -> None:
     # Pull-based sort shuffle: ~3x less fixed cost per groupby than the hash shuffle's aggregator actors here
     # (measured on the components rounds); it also scales to the terabyte case with spilling.
     ctx = ray.data.DataContext.get_current()
-    ctx.shuffle_strategy = ShuffleStrategy[os.environ.get("RAYLM_SHUFFLE", "SORT_SHUFFLE_PULL_BASED")]
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) == 1 and ray.cluster_resources().get("CPU", 0) > (os.cpu_count() or 1):
         # A local cluster advertises more CPUs than cores (Serve needs the slots); Ray Data would run that many
@@ -459,9 +459,9 @@ def _write_splits(run, kept, cfg: Config, tok_path: str | None) -> dict:
             train = train.union(ray.data.from_arrow(pa.Table.from_pandas(mix[cols], preserve_index=False)))
             out_mix = {"docs": len(mix), "chars": int(mix["text"].str.len().sum()), "pretokens": None}
     # one file per split while small (later stages read the rows in this order); many files at scale
-    for ds, name in ((train, "text_train"), (val, "text_val")):
-        (ds.repartition(1) if ds.count() <= 200_000 else ds).write_parquet(run.uri("data", name))
     counts = {"text_train": train.count(), "text_val": val.count()}
+    for ds, name in ((train, "text_train"), (val, "text_val")):
+        (ds.repartition(1) if counts[name] <= 200_000 else ds).write_parquet(run.uri("data", name))
     if task_rows:
         tdf = pd.DataFrame(task_rows)
         for split, name in (("train", "tasks_train"), ("test", "tasks_test")):
