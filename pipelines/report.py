@@ -19,6 +19,8 @@ import tempfile
 
 from raylm.config import StageConfig
 from raylm.runs import Manifest, RunStore
+from raylm.train.diagnose import diagnose
+from raylm.train.schedules import schedule_facts
 
 STAGE = "report"
 ANY_KIND = ("model", "dataset", "tokenizer", "adapter", "reward_model", "eval", "endpoint", "excluded", "report")
@@ -99,6 +101,16 @@ def curves(history: list[dict], title: str, reward_label: str = "implicit reward
         axes[2].legend()
     fig.tight_layout()
     return _png(fig)
+
+
+def diagnosis_html(history: list[dict]) -> str:
+    """The loss-curve diagnosis of a training run (label and seed 003's advice); empty without a loss history."""
+    try:
+        d = diagnose(history)
+    except ValueError:  # fewer than 3 logged losses: nothing to say
+        return ""
+    advice = "".join(f"<li>{html.escape(a)}</li>" for a in d["advice"])
+    return f"<h3>Loss-curve diagnosis: {html.escape(d['label'])}</h3><ul>{advice}</ul>"
 
 
 def reward_histogram(chosen: list[float], rejected: list[float]) -> str | None:
@@ -255,12 +267,8 @@ def section_tokenizer(m: Manifest) -> str:
 def _training(m: Manifest, store: RunStore, title: str, **curve_kw) -> tuple[dict, dict, str]:
     cfg = m.config
     optim, train, res = cfg.get("optim", {}), cfg.get("train", {}), cfg.get("resources", {})
-    schedule = {"schedule": optim.get("schedule"), "peak_lr": optim.get("lr"),
-                "final_lr": (optim.get("lr") or 0) * (optim.get("min_lr_ratio") or 0)
-                if optim.get("schedule") != "constant" else optim.get("lr"),
-                "warmup_steps": optim.get("warmup_steps"),
-                "warmup_ratio": round(optim.get("warmup_steps", 0) / max(1, train.get("max_steps", 1)), 3),
-                "decay_steps": train.get("max_steps", 0) - optim.get("warmup_steps", 0),
+    # computed by the schedule itself, so warmup ratio, WSD/decay phases and step milestones are stated right
+    schedule = {**(schedule_facts(train.get("max_steps", 0), optim) if optim.get("lr") is not None else {}),
                 "optimizer": f"AdamW betas={optim.get('betas')} wd={optim.get('weight_decay')}",
                 "grad_clip": optim.get("grad_clip")}
     setup = {"steps": train.get("max_steps"), "batch_size_per_worker": train.get("batch_size"),
@@ -268,7 +276,8 @@ def _training(m: Manifest, store: RunStore, title: str, **curve_kw) -> tuple[dic
              "seq_len": train.get("seq_len"),
              "workers": f"{res.get('num_workers')}x {'GPU' if res.get('use_gpu') else 'CPU'}",
              "strategy": res.get("strategy"), "framework": "Ray Train TorchTrainer"}
-    return schedule, setup, img(curves(store.history(m.run_id), title, **curve_kw))
+    history = store.history(m.run_id)
+    return schedule, setup, img(curves(history, title, **curve_kw)) + diagnosis_html(history)
 
 
 def section_pretrain(m: Manifest, store: RunStore) -> str:

@@ -1,4 +1,4 @@
-"""`raylm`: run a stage, the whole lifecycle, list and inspect runs, build a report."""
+"""`raylm`: run a stage, the whole lifecycle, list and inspect runs, diagnose a loss curve, build a report."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,27 @@ def cmd_show(args) -> None:
             print(f"{m.stage:<10} {m.run_id:<36} {m.status:<10} outputs: {outs}")
         return
     print(store.load(run_id).to_json())
+
+
+def cmd_diagnose(args) -> None:
+    from raylm.train.diagnose import diagnose
+
+    store = RunStore(_root(args))
+    m = store.load(store.resolve_id(args.run))
+    if m.stage == "rl":  # its logged loss is a policy-gradient surrogate, not a learning curve
+        raise RunError(f"run {m.run_id} is an rl run: its loss is a policy-gradient surrogate, nothing to diagnose")
+    try:
+        d = diagnose(store.history(m.run_id))
+    except ValueError as exc:
+        raise RunError(f"run {m.run_id} ({m.stage}) has no loss history to diagnose: {exc}") from None
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return
+    print(f"{m.stage} run {m.run_id}: {d['label']}\nevidence:")
+    for k, v in d["evidence"].items():
+        if v is not None:
+            print(f"  {k}: {v}")
+    print("advice:\n" + "\n".join(f"  - {a}" for a in d["advice"]))
 
 
 def cmd_report(args) -> None:
@@ -122,6 +143,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--lineage", action="store_true", help="walk from this run back to the data")
     p.set_defaults(fn=cmd_show)
+    p = add("diagnose", help="label a training run's loss curves (healthy, overfitting, ...) with advice")
+    p.add_argument("run", help="run id or latest/STAGE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_diagnose)
     p = add("serve", help="serve a model (run id, latest/STAGE or HF dir) on an OpenAI-compatible endpoint")
     p.add_argument("model", nargs="?", help="run id, latest/STAGE or a local HF directory (or ab.versions in config)")
     p.add_argument("--config", help="endpoint YAML (serve/configs/)")

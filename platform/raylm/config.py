@@ -54,13 +54,58 @@ class ModelSpec(Section):
 
 
 class OptimSpec(Section):
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    """AdamW and the LR schedule; `raylm.train.schedules.lr_at` draws it (the rules are in that module)."""
+
+    lr: float = 1e-3  # peak LR
+    min_lr_ratio: float = 0.1  # decaying schedules end at lr * min_lr_ratio (step: the floor)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     warmup_steps: int = 10
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0  # instead of warmup_steps (then set warmup_steps=0): a fraction of train steps
+    schedule: Literal["cosine", "linear", "constant", "step", "wsd", "decay"] = "cosine"
+    step_size: int = 0  # step: multiply the LR by step_gamma every step_size steps ...
+    step_milestones: list[int] = []  # ... or at these absolute steps
+    step_gamma: float = 0.1
+    decay_steps: int = 0  # wsd: decay over the last decay_steps steps ...
+    decay_ratio: float = 0.0  # ... or over this fraction of the run
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"  # wsd and decay; sqrt = 1 - sqrt(progress)
+
+    @model_validator(mode="after")
+    def _check_schedule(self):
+        # Each message names the key: pydantic reports an after-validator's error against the whole section.
+        for key in ("warmup_steps", "step_size", "decay_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError(f"optim.warmup_ratio={self.warmup_ratio} and optim.warmup_steps={self.warmup_steps} "
+                             "are both set; set optim.warmup_steps=0 to use the ratio")
+        if self.decay_ratio and not 0 < self.decay_ratio <= 1:
+            raise ValueError(f"optim.decay_ratio must be in (0, 1], got {self.decay_ratio}")
+        if self.schedule == "wsd" and bool(self.decay_steps) == bool(self.decay_ratio):
+            raise ValueError("optim.schedule=wsd needs exactly one of optim.decay_steps and optim.decay_ratio, got "
+                             f"decay_steps={self.decay_steps} decay_ratio={self.decay_ratio}")
+        if self.schedule != "wsd" and (self.decay_steps or self.decay_ratio):
+            raise ValueError(f"optim.decay_steps/optim.decay_ratio only apply to schedule=wsd "
+                             f"(schedule={self.schedule})")
+        if self.schedule == "decay" and (self.warmup_steps or self.warmup_ratio):
+            # An annealing run continues from a checkpoint at its peak: a stage's default warmup would re-ramp from 0.
+            raise ValueError("optim.schedule=decay runs only the decay from step 0; set optim.warmup_steps=0")
+        if self.schedule == "step":
+            if bool(self.step_size) == bool(self.step_milestones):
+                raise ValueError("optim.schedule=step needs exactly one of optim.step_size and optim.step_milestones")
+            if any(m <= 0 for m in self.step_milestones) or self.step_milestones != sorted(set(self.step_milestones)):
+                raise ValueError(f"optim.step_milestones must be increasing positive steps, got {self.step_milestones}")
+            if not 0 < self.step_gamma <= 1:
+                raise ValueError(f"optim.step_gamma must be in (0, 1], got {self.step_gamma}")
+        elif self.step_size or self.step_milestones:
+            raise ValueError(f"optim.step_size/optim.step_milestones only apply to schedule=step "
+                             f"(schedule={self.schedule})")
+        return self
 
 
 class ResourcesSpec(Section):

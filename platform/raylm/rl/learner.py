@@ -25,7 +25,7 @@ from raylm.rl import algos as A
 from raylm.rl.batch import build_batch, outcome_on_last_token
 from raylm.rl.rewards import CompositeReward, RewardSpec
 from raylm.train.loop import _mean_across_workers, export, full_state_dict, wrap
-from raylm.train.schedules import lr_multiplier
+from raylm.train.schedules import lr_at
 from raylm.train.steps import make_model, unwrap
 
 
@@ -143,7 +143,7 @@ def rl_loop_per_worker(job: dict) -> None:
     failures_total: dict[str, int] = {}
     t_start = time.time()
     for step in range(job["max_steps"]):
-        lr = oc["lr"] * lr_multiplier(step, job["max_steps"], oc["warmup_steps"], oc["schedule"], oc["min_lr_ratio"])
+        lr = lr_at(step, job["max_steps"], oc)
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
