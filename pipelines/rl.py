@@ -119,6 +119,9 @@ class Config(StageConfig):
         if context and self.max_prompt_len + self.max_new_tokens > context:
             raise ValueError(f"max_prompt_len + max_new_tokens = {self.max_prompt_len + self.max_new_tokens} exceeds "
                              f"the rollout engine's context rollout.engine_kwargs.max_model_len={context}")
+        if self.resources.strategy.startswith("zero"):
+            raise ValueError(f"resources.strategy={self.resources.strategy!r}: the RL learner runs fsdp2 or ddp "
+                             "(DeepSpeed ZeRO is for pretrain, sft, dpo and reward)")
         if self.lora and self.resources.strategy == "fsdp2" and self.resources.num_workers > 1:
             raise ValueError("rl with lora needs resources.strategy=ddp (merging adapters for the weight push "
                              "is not done on FSDP2 shards)")

@@ -75,6 +75,18 @@ def model_config(spec: ModelSpec, vocab_size: int, tokenizer=None):
     return LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, rope_theta=10000.0, **ids, **fields)
 
 
+def check_architecture(cfg, where: str = "model.overrides") -> None:
+    """Shapes a decoder needs, checked before any worker starts (HF configs accept them and fail mid-forward)."""
+    from raylm.config import ConfigError
+
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    if heads <= 0 or (h % heads and not getattr(cfg, "head_dim", None)):
+        raise ConfigError(f"{where}: hidden_size={h} is not divisible by num_attention_heads={heads}")
+    if kv <= 0 or heads % kv:
+        raise ConfigError(f"{where}: num_attention_heads={heads} is not divisible by num_key_value_heads={kv}")
+
+
 def build_model(spec: ModelSpec, tokenizer=None, seed: int = 0):
     """Random-init model from a preset, or the weights of a local checkpoint (`spec.path`)."""
     dtype = getattr(torch, spec.dtype)

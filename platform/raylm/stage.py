@@ -51,6 +51,10 @@ def execute(recipe: ModuleType, cfg: StageConfig, run_id: str | None = None, swe
     inputs = resolve_inputs(store, recipe.STAGE, cfg, recipe.INPUTS, getattr(recipe, "OPTIONAL_INPUTS", None))
     if hasattr(recipe, "check"):
         recipe.check(inputs, cfg)
+    if getattr(cfg, "resume_from", None):  # a training stage continuing another run: it must have a checkpoint
+        from raylm.train.launch import resume_checkpoint
+
+        resume_checkpoint(store, cfg.resume_from)
     resolved = cfg.model_dump(mode="json")
     resolved["inputs"] = {role: f"{ref.run_id}:{ref.artifact}" for role, ref in inputs.items()}
     init_ray(cfg.ray_address)

@@ -154,7 +154,10 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
 
     client, prompts = rollout_app["client"], rollout_app["prompts"]
     version = max(client.versions())
-    params = {"n": 8, "max_tokens": 32, "temperature": 1.0, "ignore_eos": True}
+    # 96 new tokens (the engine's max_model_len is 128): a replica's batch of chunks then runs for ~10 s, longer
+    # than the ongoing-request poll below can lag on two busy cores (a CI run killed a replica whose chunks had
+    # all finished in the ~6 s its poll answer took, and nothing needed a retry)
+    params = {"n": 8, "max_tokens": 96, "temperature": 1.0, "ignore_eos": True}
     # 32 chunks of 2 prompts: the router spreads them over both replicas, so the killed one holds some (with 8
     # chunks one run put none on the replica that was then killed, and nothing needed a retry)
     client.chunk_size = 2
@@ -168,7 +171,8 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
     deadline, victim = time.time() + 30, None
     while victim is None and time.time() < deadline:
         ongoing = ray.get([a.get_num_ongoing_requests.remote() for a in actors])
-        victim = next((a for a, n in zip(actors, ongoing) if n > 0), None)
+        victim = max(zip(ongoing, range(len(actors))))  # the busiest replica
+        victim = actors[victim[1]] if victim[0] > 0 else None
         time.sleep(0.1)
     assert victim is not None, "no replica received a rollout chunk"
     ray.kill(victim, no_restart=True)

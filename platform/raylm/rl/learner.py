@@ -24,7 +24,8 @@ from raylm.models import load_tokenizer, param_count
 from raylm.rl import algos as A
 from raylm.rl.batch import build_batch, outcome_on_last_token
 from raylm.rl.rewards import CompositeReward, RewardSpec
-from raylm.train.loop import _mean_across_workers, export, full_state_dict, wrap
+from raylm.train.backends import full_state_dict, wrap
+from raylm.train.loop import _mean_across_workers, export
 from raylm.train.schedules import lr_at
 from raylm.train.steps import make_model, unwrap
 

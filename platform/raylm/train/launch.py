@@ -8,6 +8,7 @@ from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raylm.config import ResourcesSpec
+from raylm.runs import RunError
 from raylm.train import hooks
 from raylm.train.loop import train_loop_per_worker
 
@@ -26,13 +27,17 @@ class FixedShards(DataConfig):
         return out
 
 
-def fit(job: dict, datasets: dict, resources: ResourcesSpec, storage_uri: str, name: str) -> dict:
+def fit(job: dict, datasets: dict, resources: ResourcesSpec, storage_uri: str, name: str,
+        resume_from=None) -> dict:
     """Run the shared loop on `resources.num_workers` Ray Train workers.
 
     Returns {"metrics": final metrics, "history": per-log-step rows, "checkpoint": URI of the exported checkpoint
-    (holding `model/` and, for LoRA, `adapter/`)}.
+    (holding `model/` and, for LoRA, `adapter/`)}. `resume_from`: a checkpoint from `resume_point`.
     """
-    job = {**job, "strategy": resources.strategy, "has_val": "val" in datasets, **hooks.job_flags()}
+    job = {**job, "strategy": resources.strategy, "offload": resources.offload, "has_val": "val" in datasets,
+           **hooks.job_flags()}
+    if resume_from is not None and job.get("resume_from") is None:
+        job["resume_from"] = resume_from
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
@@ -56,4 +61,62 @@ def read_result(result) -> dict:
     proto = "" if fs.type_name == "local" else f"{fs.type_name}://"
     uri = proto + path
     fsspec.core.url_to_fs(uri)  # fail early if the URI is not readable by fsspec
-    return {"metrics": dict(result.metrics or {}), "history": history, "checkpoint": uri}
+    metrics = dict(result.metrics or {})
+    if metrics.get("stop_reason") == "nonfinite":
+        raise RunError(f"the loss or gradient norm became NaN/inf at step {metrics['last_good_step'] + 1}: training "
+                       f"stopped before applying that step. The last good state (step {metrics['last_good_step']}, "
+                       f"resumable with "
+                       f"resume_from) is {uri}. Lower optim.lr, raise warmup, or check the data of that step.")
+    return {"metrics": metrics, "history": history, "checkpoint": uri}
+
+
+FACTS = ("strategy", "precision", "grad_accum", "activation_checkpointing", "stop_reason", "steps_run",
+         "start_step", "restarts", "mfu", "matmul_flops_per_s", "peak_memory_bytes", "device_hours",
+         "flops_per_token", "total_flops", "tokens_seen", "train_s")
+
+
+def train_facts(out: dict, cfg) -> dict:
+    """What every training run records (seed 000): how it ran, where it stopped, efficiency and cost."""
+    x = out["metrics"]
+    facts = {k: x.get(k) for k in FACTS if k in x}
+    facts.update(strategy=cfg.resources.strategy, precision=cfg.train.precision, grad_accum=cfg.train.grad_accum,
+                 activation_checkpointing=cfg.train.activation_checkpointing,
+                 tokens_per_step=cfg.train.batch_size * cfg.train.grad_accum * cfg.resources.num_workers
+                 * cfg.train.seq_len)
+    return facts
+
+
+def resume_point(run, ref: str | None):
+    """The checkpoint a training stage's `resume_from=RUN_ID` continues from (None without one); recorded in the
+    run's metrics."""
+    if not ref:
+        return None
+    ckpt, step, rid = resume_checkpoint(run.store, ref)
+    run.log_metrics({"resumed_from": {"run": rid, "step": step, "checkpoint": ckpt.path}})
+    return ckpt
+
+
+def resume_checkpoint(store, ref: str):
+    """The newest resumable checkpoint (one with `progress.json`) of run `ref` (a run id or `latest/STAGE`), as a
+    `ray.train.Checkpoint`, and its step. Ray Train keeps a run's checkpoints under `<run>/train/<run id>/`."""
+    import fsspec as _fsspec
+    from ray.train import Checkpoint
+
+    rid = store.resolve_id(ref)
+    fs, base = _fsspec.core.url_to_fs(store.uri(rid, "train", rid))
+    found = sorted(p for p in (fs.glob(f"{base}/checkpoint_*/progress.json") if fs.exists(base) else []))
+    if not found:
+        raise RunError(f"resume_from={ref}: run {rid} has no resumable checkpoint (train with "
+                       f"train.checkpoint_every > 0, or a run stopped by train.stop_at / early stopping)")
+    path = found[-1].rsplit("/", 1)[0]  # checkpoint_<timestamp>: the newest sorts last
+    step = json.loads(fs.cat(f"{path}/progress.json"))["step"]
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    uri = path if proto in ("file", "local") else f"{proto}://{path}"
+    return Checkpoint(uri) if proto in ("file", "local") else Checkpoint(path, filesystem=_arrow_fs(uri)), step, rid
+
+
+def _arrow_fs(uri: str):
+    import pyarrow.fs
+
+    fs, _ = pyarrow.fs.FileSystem.from_uri(uri)
+    return fs
