@@ -10,7 +10,8 @@ import sys
 from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 
-STAGES = ["curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report"]
+STAGES = ["curate", "tokenizer", "pretrain", "expand_vocab", "sft", "dpo", "reward", "rl", "evaluate", "serve",
+          "report"]
 
 
 def _root(args) -> str:
