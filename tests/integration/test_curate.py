@@ -216,8 +216,30 @@ def test_pretrain_reads_the_packed_blocks_and_refuses_mismatched_ones(curated):
     data, tok = curated["data"], curated["tok"]
     cfg = load_config(pretrain.Config, None, ["train.seq_len=256"])
     assert pretrain.curated_blocks(data, tok, cfg) is True  # auto: same tokenizer and length
-    batch = pretrain.read_blocks(f"{data}/packed_train").take_batch(4)
-    assert batch["input_ids"].shape == (4, 256) and (batch["labels"] == batch["input_ids"]).all()
+    assert cfg.doc_mask is True  # the default: attention masked across the recorded document starts
+    plain = pretrain.read_blocks(f"{data}/packed_train", doc_mask=False).take_batch(4)
+    assert set(plain) == {"input_ids", "labels"}
+    assert plain["input_ids"].shape == (4, 256) and (plain["labels"] == plain["input_ids"]).all()
+
+    import numpy as np
+
+    from raylm.models import load_tokenizer
+
+    eos = load_tokenizer(tok).eos_token_id
+    blocks = pretrain.read_blocks(f"{data}/packed_train")
+    batch = blocks.take_batch(16)
+    assert all(batch[k].shape == (16, 256) and batch[k].dtype == "int64" for k in batch)
+    for ids, labels, pos, seg in zip(batch["input_ids"], batch["labels"], batch["position_ids"], batch["segment_ids"]):
+        starts = np.flatnonzero(pos == 0)  # positions restart exactly at the recorded document starts
+        assert starts[0] == 0 and all(ids[s - 1] == eos for s in starts[1:])
+        assert (seg == np.cumsum(pos == 0) - 1).all() and (np.diff(pos)[np.diff(seg) == 0] == 1).all()
+        assert (labels[starts[1:]] == -100).all()
+        keep = np.ones(256, bool)
+        keep[starts[1:]] = False
+        assert (labels[keep] == ids[keep]).all()
+    # what pretrain logs as docs_per_block: the mean number of recorded starts per block
+    want = pq.read_table(f"{data}/packed_train", columns=["doc_starts"]).to_pandas()["doc_starts"].map(len).mean()
+    assert pretrain.docs_per_block(blocks) == pytest.approx(want) and want > 1
     assert pretrain.curated_blocks(data, tok, load_config(pretrain.Config, None, ["train.seq_len=128"])) is False
     with pytest.raises(ConfigError, match="blocks are 256 tokens"):
         pretrain.curated_blocks(data, tok, load_config(pretrain.Config, None, ["train.seq_len=128",
