@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.config import ConfigError, LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import PREFERENCE_LOSSES
 from raylm.stage import require_paths
 from raylm.train.launch import fit
+from raylm.train.peft_menu import check_peft
 from raylm.train.steps import logged_metrics
 from pipelines.sft import chat_dataset, save_outputs
 
@@ -42,6 +43,11 @@ class Config(StageConfig):
 
 def check(inputs, cfg: Config) -> None:
     require_paths(STAGE, inputs["dataset"].uri, {"train_split": cfg.train_split, "val_split": cfg.val_split})
+    if cfg.lora and cfg.lora.method in ("bitfit", "full"):
+        # the reference policy is the same weights with the adapter disabled: these methods have no adapter
+        raise ConfigError(f"dpo: lora.method={cfg.lora.method!r} has no adapter to disable for the reference "
+                          "policy; use a PEFT method, or lora: null (full fine-tuning, a frozen copy as reference)")
+    check_peft(cfg.lora, inputs["model"].uri, cfg.resources)
 
 
 def body(run, inputs, cfg: Config) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Type, TypeVar
+from typing import Any, ClassVar, Literal, Type, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -117,6 +117,15 @@ class ResourcesSpec(Section):
 
 
 class LoraSpec(Section):
+    """The fine-tuning method (the name is historical: LoRA came first; `lora:` in YAML keeps working).
+
+    `method` picks what is trained (see `raylm.train.peft_menu`): lora, dora, qlora (LoRA on a 4-bit base, CUDA +
+    bitsandbytes only), ia3, prefix, prompt (prompt tuning), bitfit (bias terms only) or full. A field that has no
+    effect on the chosen method must keep its default: a rank given to prompt tuning is a config mistake, not a
+    no-op to ignore silently.
+    """
+
+    method: Literal["lora", "dora", "qlora", "ia3", "prefix", "prompt", "bitfit", "full"] = "lora"
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.0
@@ -125,6 +134,31 @@ class LoraSpec(Section):
     # tokens the base model never saw (ChatML markers on a freshly pre-trained model): their embedding and output
     # rows are random, and low-rank updates of the other layers cannot fix that.
     modules_to_save: list[str] = []
+    # ia3: the targets whose *input* is scaled (feed-forward down projections); None: PEFT's default for the model
+    # type among target_modules (Llama, Qwen2: down_proj).
+    feedforward_modules: list[str] | None = None
+    num_virtual_tokens: int | None = None  # prefix/prompt: learned virtual tokens (None: 20)
+
+    # The fields each method reads; any other field must stay at its default.
+    USES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **dict.fromkeys(("lora", "dora", "qlora"), ("rank", "alpha", "dropout", "target_modules", "modules_to_save")),
+        "ia3": ("target_modules", "feedforward_modules", "modules_to_save"),
+        **dict.fromkeys(("prefix", "prompt"), ("num_virtual_tokens", "modules_to_save")),
+        "bitfit": ("modules_to_save",),
+        "full": (),
+    }
+
+    @model_validator(mode="after")
+    def _fields_fit_method(self):
+        used = self.USES[self.method]
+        wrong = [f"{k}={getattr(self, k)!r}" for k, f in type(self).model_fields.items()
+                 if k != "method" and k not in used and getattr(self, k) != f.default]
+        if wrong:
+            raise ValueError(f"lora.method={self.method!r} does not use {', '.join(wrong)}; it reads only "
+                             f"{', '.join(used) or 'no other field'} (leave the others at their defaults)")
+        if self.num_virtual_tokens is not None and self.num_virtual_tokens < 1:
+            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        return self
 
 
 class TrainSpec(Section):

@@ -1,7 +1,8 @@
 """Tokenization as Ray Data `map_batches` operators (callable classes: the tokenizer loads once per actor).
 
 - `pack_text`: documents -> fixed-length blocks for causal-LM pre-training (HF `group_texts` per batch).
-- `ChatExamples`: prompt/answer -> ChatML tokens with assistant-only labels (prompt tokens masked).
+- `ChatExamples`: instruction data -> chat tokens with assistant-only labels (everything else masked), from
+  prompt/answer rows or the alpaca, sharegpt and OpenAI-messages formats (multi-turn).
 - `PreferencePairs`: prompt/chosen/rejected -> two such sequences per row.
 Fixed lengths let `iter_torch_batches` stack rows without a collate function.
 """
@@ -60,14 +61,111 @@ def _pad(seqs: list[list[int]], value: int, max_len: int) -> np.ndarray:
     return out
 
 
+# Each instruction-data format and the columns that identify it (checked in this order, per row).
+FORMAT_COLUMNS = {"openai": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+                  "prompt": ("prompt", "answer")}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
+
+
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and v != v)  # pandas stores a missing value as None or NaN
+
+
+def detect_format(row: dict) -> str:
+    """The format a row is in, from the columns that hold a value; a clear error naming them when none fits."""
+    have = sorted(k for k, v in row.items() if _present(v))
+    for fmt, cols in FORMAT_COLUMNS.items():
+        if all(c in have for c in cols):
+            return fmt
+    raise ValueError(f"row in no known instruction format: it has columns {have}; expected messages (OpenAI), "
+                     "conversations (sharegpt), instruction + output (alpaca) or prompt + answer")
+
+
+def _text(v) -> str:
+    if isinstance(v, str):
+        return v
+    if hasattr(v, "__iter__") and not isinstance(v, dict):  # OpenAI content parts: [{"type": "text", "text": ..}]
+        return "".join(p["text"] for p in v if isinstance(p, dict) and p.get("type") == "text")
+    raise ValueError(f"message content must be text, got {type(v).__name__}: {v!r}")
+
+
+def to_messages(row: dict, fmt: str) -> list[dict]:
+    """A row of `fmt` as OpenAI-style messages [{role, content}]."""
+    if fmt == "alpaca":
+        user = row["instruction"] + (f"\n\n{row['input']}" if _present(row.get("input")) and row["input"] else "")
+        system = [{"role": "system", "content": row["system"]}] if _present(row.get("system")) and row["system"] else []
+        return [*system, {"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    if fmt == "prompt":
+        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["answer"]}]
+    key, role_key, text_key = (("conversations", "from", "value") if fmt == "sharegpt" else
+                               ("messages", "role", "content"))
+    roles = SHAREGPT_ROLES if fmt == "sharegpt" else dict(zip(ROLES, ROLES))
+    out = []
+    for turn in row[key]:
+        if not isinstance(turn, dict) or turn.get(role_key) not in roles or text_key not in turn:
+            raise ValueError(f"{fmt} turn {turn!r}: expected {{{role_key!r}: one of {sorted(roles)}, "
+                             f"{text_key!r}: text}}")
+        out.append({"role": roles[turn[role_key]], "content": _text(turn[text_key])})
+    return out
+
+
+def render(tok, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template; without one a plain `Role: text` layout with EOS ending each answer."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}{tok.eos_token if m['role'] == 'assistant' else ''}\n\n"
+                   for m in msgs)
+    return text + ("Assistant: " if add_generation_prompt else "")
+
+
+def conversation_tokens(tok, msgs: list[dict], max_len: int) -> tuple[list[int], list[int]]:
+    """Tokens of a (multi-turn) conversation and labels that keep only the assistant turns (each with its
+    end-of-turn token, not the whitespace after it). Rendered turn by turn, so every span is exact; a template
+    whose rendering of a conversation's start is not a prefix of the whole cannot be masked this way."""
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError(f"conversation without an assistant turn (nothing to learn): {msgs!r}")
+    ids: list[int] = []
+    labels: list[int] = []
+    text = ""
+    for i, m in enumerate(msgs):
+        cuts = [(render(tok, msgs[:i], True), False)] if m["role"] == "assistant" else []
+        for upto, learn in cuts + [(render(tok, msgs[: i + 1]), m["role"] == "assistant")]:
+            if not upto.startswith(text):
+                raise ValueError("the chat template does not render a conversation turn by turn; "
+                                 "its assistant turns cannot be located for loss masking")
+            seg = tok(upto[len(text):], add_special_tokens=False)["input_ids"]
+            seg_labels = list(seg) if learn else [IGNORE] * len(seg)
+            if learn and seg and tok.decode([seg[-1]]).strip() == "":
+                seg_labels[-1] = IGNORE
+            ids += seg
+            labels += seg_labels
+            text = upto
+    return ids[:max_len], labels[:max_len]
+
+
 class ChatExamples:
-    def __init__(self, tokenizer_path: str, max_len: int):
+    """Instruction rows -> fixed-length input_ids / labels / attention_mask. `format`: one of FORMAT_COLUMNS, or
+    None to detect it per row from its columns. prompt/answer rows go through `chat_tokens` (one turn)."""
+
+    def __init__(self, tokenizer_path: str, max_len: int, format: str | None = None):
+        if format is not None and format not in FORMAT_COLUMNS:
+            raise ValueError(f"unknown instruction format {format!r}; choose one of {sorted(FORMAT_COLUMNS)}")
         self.tok = load_tokenizer(tokenizer_path)
         self.max_len = max_len
+        self.format = format
+
+    def _tokens(self, row: dict) -> tuple[list[int], list[int]]:
+        fmt = self.format or detect_format(row)
+        missing = [c for c in FORMAT_COLUMNS[fmt] if not _present(row.get(c))]
+        if missing:
+            raise ValueError(f"{fmt} row lacks {missing}; it has columns {sorted(row)}")
+        if fmt == "prompt":  # the one-turn path every other stage uses, unchanged
+            return chat_tokens(self.tok, row["prompt"], row["answer"], self.max_len)
+        return conversation_tokens(self.tok, to_messages(row, fmt), self.max_len)
 
     def __call__(self, batch: pd.DataFrame) -> dict:
-        ids, labels = zip(*(chat_tokens(self.tok, p, a, self.max_len)
-                            for p, a in zip(batch["prompt"], batch["answer"])))
+        ids, labels = zip(*(self._tokens(row) for row in batch.to_dict("records")))
         return {"input_ids": _pad(ids, self.tok.pad_token_id, self.max_len),
                 "labels": _pad(labels, IGNORE, self.max_len),
                 "attention_mask": _pad([[1] * len(s) for s in ids], 0, self.max_len)}

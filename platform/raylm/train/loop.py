@@ -48,17 +48,14 @@ def full_state_dict(model, strategy: str) -> dict:
 
 
 def export(job: dict, state: dict, tokenizer, out_dir: str) -> dict:
-    """Rank 0: rebuild the model on CPU, load the trained state, save `model/` (merged) and `adapter/` if LoRA."""
-    model = make_model(job, tokenizer)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "lora_" in k or not job.get("lora")]:
-        raise RuntimeError(f"state dict mismatch on export: missing={missing[:5]} unexpected={unexpected[:5]}")
-    info = {}
-    if job.get("lora"):
-        model.save_pretrained(os.path.join(out_dir, "adapter"))
-        info["adapter_params"] = param_count(model, trainable_only=True)
-        model = model.merge_and_unload()
-    model.save_pretrained(os.path.join(out_dir, "model"))
+    """Rank 0: rebuild the model on CPU, load the trained state, save `model/` (merged where the method allows) and
+    `adapter/` for PEFT methods (`raylm.train.peft_menu`); returns what the export records (merged or not)."""
+    from raylm.config import LoraSpec
+    from raylm.train.peft_menu import export_job, export_model, load_trained_state
+
+    model = make_model(export_job(job), tokenizer)
+    load_trained_state(model, state, job)
+    _, info = export_model(model, out_dir, LoraSpec(**job["lora"]) if job.get("lora") else None)
     tokenizer.save_pretrained(os.path.join(out_dir, "model"))
     return info
 

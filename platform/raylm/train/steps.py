@@ -13,30 +13,29 @@ import torch
 from raylm.config import LoraSpec, ModelSpec
 from raylm.losses import LM_LOSSES, PREFERENCE_LOSSES, REWARD_LOSSES, token_logps
 from raylm.models import build_model, build_reward_model
+from raylm.train.peft_menu import apply_peft, load_4bit_base
 
 
 # ---------------------------------------------------------------- model setup
 def make_model(job: dict, tokenizer):
+    """The model a stage trains: the base (4-bit for QLoRA) prepared for `job["lora"]`'s method (PEFT adapters,
+    BitFit or full: `raylm.train.peft_menu`); `job["init_adapter"]` continues a saved adapter."""
     spec = ModelSpec(**job["model"])
     seq_cls = job.get("task") == "seq_cls"
+    method = LoraSpec(**job["lora"]) if job.get("lora") else None
     if seq_cls:
         if not spec.path:
             raise ValueError("a reward model (task seq_cls) starts from a checkpoint: set model.path")
         torch.manual_seed(job["train"]["seed"])  # the new score head: the same init on every worker and on export
+    if method is not None and method.method == "qlora":
+        model = load_4bit_base(spec, seq_cls, tokenizer)  # a clear ValueError without CUDA + bitsandbytes
+    elif seq_cls:
         model = build_reward_model(spec.path, spec.dtype, tokenizer)
     else:
         model = build_model(spec, tokenizer, seed=job["train"]["seed"])
-    if job.get("lora"):
-        from peft import LoraConfig, get_peft_model  # PEFT's LoRA, not a hand-rolled one
-
-        lora = LoraSpec(**job["lora"])
-        # SEQ_CLS: PEFT adds the new `score` head to modules_to_save itself, so it is trained in full (it starts
-        # random; a low-rank update of it would make no sense) and merged into the exported model.
-        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules,
-                                                 task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM",
-                                                 modules_to_save=lora.modules_to_save or None))
-    return model
+    # SEQ_CLS: PEFT adds the new `score` head to modules_to_save itself, so it is trained in full (it starts
+    # random; a low-rank update of it would make no sense) and merged into the exported model.
+    return apply_peft(model, method, seq_cls, adapter=job.get("init_adapter"))
 
 
 def unwrap(model):
