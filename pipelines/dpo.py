@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from raylm.config import ConfigError, LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.config import ConfigError, LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainStageConfig, TrainSpec
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import PREFERENCE_LOSSES
 from raylm.stage import require_paths
-from raylm.train.launch import fit
+from raylm.train.launch import fit, resume_point, train_facts
 from raylm.train.peft_menu import check_peft
 from raylm.train.steps import logged_metrics
 from pipelines.sft import chat_dataset, save_outputs
@@ -21,7 +21,7 @@ INPUTS = {"model": ("model",), "dataset": ("dataset",)}
 METRICS = logged_metrics("preference")  # per log step: what a sweep can optimise
 
 
-class Config(StageConfig):
+class Config(TrainStageConfig):
     loss: str = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -61,7 +61,9 @@ def body(run, inputs, cfg: Config) -> None:
            "lora": cfg.lora.model_dump() if cfg.lora else None,
            "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
     with run.time("train_s"):
-        out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
+        out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id,
+                  resume_from=resume_point(run, cfg.resume_from))
+    run.log_metrics(train_facts(out, cfg))
     save_outputs(run, out, cfg)
     first, last = out["history"][0], out["history"][-1]
     run.log_metrics({

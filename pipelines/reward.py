@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import field_validator
 
-from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainStageConfig, TrainSpec
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import REWARD_LOSSES
 from raylm.runs import RunError
 from raylm.stage import require_paths
-from raylm.train.launch import fit
+from raylm.train.launch import fit, resume_point, train_facts
 from raylm.train.steps import logged_metrics
 from pipelines.sft import lora_meta
 
@@ -30,7 +30,7 @@ PAIR_COLUMNS = {"prompt": "the prompt", "answer": "the chosen answer", "wrong": 
 MAX_LISTED = 500  # reward values kept in the manifest per side (the scores artifact has them all)
 
 
-class Config(StageConfig):
+class Config(TrainStageConfig):
     loss: str = "bradley_terry"
     margin: float = 0.0  # required gap r_chosen - r_rejected (Llama 2's margin term)
     center_coef: float = 0.0  # weight of (r_c + r_r)^2, keeps rewards near zero (TRL center_rewards_coefficient)
@@ -119,7 +119,9 @@ def body(run, inputs, cfg: Config) -> None:
            "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
     datasets = {"train": train, **({"val": val} if n_val else {})}
     with run.time("train_s"):
-        out = fit(job, datasets, cfg.resources, run.uri("train"), run.id)
+        out = fit(job, datasets, cfg.resources, run.uri("train"), run.id,
+                  resume_from=resume_point(run, cfg.resume_from))
+    run.log_metrics(train_facts(out, cfg))
     model_dir = f"{out['checkpoint']}/model"
     run.add_artifact("reward_model", "reward_model", model_dir, meta={"merged_from_lora": bool(cfg.lora),
                                                                       "loss": cfg.loss})

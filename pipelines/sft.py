@@ -13,11 +13,12 @@ from typing import Literal
 
 import ray
 
-from raylm.config import ConfigError, LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainSpec
+from raylm.config import ConfigError, LoraSpec, OptimSpec, ReplaySpec, ResourcesSpec, TrainSpec, TrainStageConfig
 from raylm.data.cache import tokenized
+from raylm.data.replay import general_blocks, mix_replay
 from raylm.data.tokenize import ChatExamples
 from raylm.stage import require_paths
-from raylm.train.launch import fit
+from raylm.train.launch import fit, resume_point, train_facts
 from raylm.train.peft_menu import check_peft
 from raylm.train.steps import logged_metrics
 
@@ -28,7 +29,7 @@ OPTIONAL_INPUTS = {"adapter": ("adapter",)}
 METRICS = logged_metrics("lm")  # per log step: what a sweep can optimise
 
 
-class Config(StageConfig):
+class Config(TrainStageConfig):
     lora: LoraSpec | None = LoraSpec()  # the method (lora.method); null = full fine-tuning
     optim: OptimSpec = OptimSpec(lr=2e-3, warmup_steps=10)
     train: TrainSpec = TrainSpec(max_steps=120, batch_size=16, seq_len=48, eval_every=20)
@@ -37,6 +38,8 @@ class Config(StageConfig):
     val_split: str = "tasks_test"
     # instruction rows: prompt/answer, alpaca, sharegpt or openai (messages); auto: per row, from its columns
     data_format: Literal["auto", "prompt", "alpaca", "sharegpt", "openai"] = "auto"
+    # General-text blocks mixed into training against forgetting (seed 004's 7:3: replay.ratio=0.3)
+    replay: ReplaySpec | None = None
 
 
 def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples, seed: int | None = None,
@@ -82,7 +85,8 @@ def save_outputs(run, out: dict, cfg) -> None:
 
 
 def check(inputs, cfg: Config) -> None:
-    require_paths(STAGE, inputs["dataset"].uri, {"train_split": cfg.train_split, "val_split": cfg.val_split})
+    require_paths(STAGE, inputs["dataset"].uri, {"train_split": cfg.train_split, "val_split": cfg.val_split,
+                                                 **({"replay.split": cfg.replay.split} if cfg.replay else {})})
     adapter = inputs.get("adapter")
     if adapter is not None and adapter.run_id == inputs["model"].run_id:
         raise ConfigError(f"inputs.adapter: run {adapter.run_id}'s model already has this adapter merged in; "
@@ -96,12 +100,18 @@ def body(run, inputs, cfg: Config) -> None:
     train = chat_dataset(f"{data}/{cfg.train_split}", model_uri, cfg.train.seq_len, seed=cfg.train.seed, fmt=fmt)
     val = chat_dataset(f"{data}/{cfg.val_split}", model_uri, cfg.train.seq_len, fmt=fmt)
     adapter = inputs.get("adapter")
+    if cfg.replay:
+        blocks = general_blocks(f"{data}/{cfg.replay.split}", model_uri, cfg.train.seq_len, cfg.train.seed)
+        train, replay_facts = mix_replay(train, blocks, cfg.replay.ratio, cfg.train.seed)
+        run.log_metrics(replay_facts)
     job = {"objective": "lm", "loss": "sft", "tokenizer_path": model_uri,
            "model": {"path": model_uri, "preset": None}, "lora": peft_job(cfg),
            "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump(),
            **({"init_adapter": adapter.uri} if adapter else {})}
     with run.time("train_s"):
-        out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id)
+        out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id,
+                  resume_from=resume_point(run, cfg.resume_from))
+    run.log_metrics(train_facts(out, cfg))
     save_outputs(run, out, cfg)
     first, last = out["history"][0], out["history"][-1]
     n_train = train.count()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Type, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 T = TypeVar("T", bound="Section")
 
@@ -112,8 +112,20 @@ class ResourcesSpec(Section):
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    strategy: Literal["fsdp2", "ddp"] = "fsdp2"
-    max_failures: int = 0  # Ray Train restarts of the worker group
+    # fsdp2 | ddp (torch), or DeepSpeed ZeRO stage 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
+    strategy: Literal["fsdp2", "ddp", "zero1", "zero2", "zero3"] = "fsdp2"
+    # ZeRO only: keep the optimizer state (and with `all`, under ZeRO-3, the parameters) in CPU memory
+    offload: Literal["none", "optimizer", "all"] = "none"
+    max_failures: int = 0  # Ray Train restarts of the worker group (from the last checkpoint: train.checkpoint_every)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload != "none" and not self.strategy.startswith("zero"):
+            raise ValueError(f"resources.offload={self.offload!r} needs a DeepSpeed strategy (zero1|zero2|zero3), "
+                             f"not {self.strategy!r}")
+        if self.offload == "all" and self.strategy != "zero3":
+            raise ValueError("resources.offload='all' offloads parameters, which only ZeRO-3 shards: use zero3")
+        return self
 
 
 class LoraSpec(Section):
@@ -161,6 +173,13 @@ class LoraSpec(Section):
         return self
 
 
+class EarlyStopping(Section):
+    """Stop when validation loss has not improved by `min_delta` for `patience` evaluations in a row."""
+
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+
 class TrainSpec(Section):
     max_steps: int = 100
     batch_size: int = 16  # per worker
@@ -169,6 +188,12 @@ class TrainSpec(Section):
     log_every: int = 5
     seed: int = 0
     shuffle_buffer: int = 1024  # rows reshuffled locally each epoch (0 = data order)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step (effective batch = batch_size x this x workers)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (CPU or GPU); weights and optimizer stay fp32
+    activation_checkpointing: bool = False  # recompute decoder-layer activations in backward (memory for compute)
+    checkpoint_every: int = Field(0, ge=0)  # steps between resumable sharded checkpoints (0: only at the end)
+    stop_at: int | None = Field(None, ge=1)  # stop at this step (schedule still planned for max_steps): resume later
+    early_stopping: EarlyStopping | None = None
 
 
 class StageConfig(Section):
@@ -179,6 +204,22 @@ class StageConfig(Section):
     ray_address: str | None = None  # None: connect to RAY_ADDRESS or start a local cluster
     # Input artifacts: role -> "RUN_ID" or "RUN_ID:artifact_name". The first one is the run's parent.
     inputs: dict[str, str] = {}
+
+
+class ReplaySpec(Section):
+    """General text mixed into fine-tuning against forgetting (seed 004: domain:general 7:3)."""
+
+    ratio: float = Field(0.3, gt=0, lt=1)  # the fraction of training rows that are general-text blocks
+    split: str = "text_train"  # where the general text comes from: a split of the stage's dataset input
+
+
+class TrainStageConfig(StageConfig):
+    """Fields of every Ray Train stage (pretrain, sft, dpo, reward)."""
+
+    # Continue a stopped or failed run of this stage from its newest checkpoint (a run id or latest/STAGE): model,
+    # optimizer, scheduler position, data position and RNG state, with the same config; the new run's history
+    # holds the old rows up to that step, then its own.
+    resume_from: str | None = None
 
 
 # ---------------------------------------------------------------- loading

@@ -179,7 +179,7 @@ def test_stage_checks_fail_before_any_worker(tok, tmp_path):
     from raylm.runs import InputRef
 
     base(tok).config.save_pretrained(tmp_path / "model")  # the check reads the architecture only
-    for split in ("tasks_train", "tasks_test"):
+    for split in ("tasks_train", "tasks_test", "text_train"):  # text_train: the recipe replays general text
         (tmp_path / "data" / split).mkdir(parents=True)
     inputs = {"model": InputRef("model", "run-a", "model", "model", str(tmp_path / "model"), ""),
               "dataset": InputRef("dataset", "run-b", "dataset", "dataset", str(tmp_path / "data"), "")}

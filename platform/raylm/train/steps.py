@@ -39,12 +39,43 @@ def make_model(job: dict, tokenizer):
 
 
 def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """The model inside a DDP or DeepSpeed wrapper (FSDP2 shards in place: nothing to unwrap)."""
+    wrapped = isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine"
+    return model.module if wrapped else model
 
 
 # ---------------------------------------------------------------- objectives
 def lm_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    seg = batch.get("segment_ids")
+    if seg is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    else:
+        # Packed blocks with document boundaries (pretrain's doc_mask): a token attends only to earlier tokens of
+        # its own segment; RoPE positions restart per document (`position_ids`). transformers (5.x,
+        # masking_utils._preprocess_mask_arguments / create_causal_mask: "It can also be an already prepared 4D
+        # mask, in which case it is returned as-is") hands a (B, 1, T, T) mask straight to the attention function,
+        # so it must be in that function's format: sdpa takes a boolean mask, True = attend (what `sdpa_mask`
+        # builds; torch SDPA's attn_mask); eager adds it to the scores (`attn_weights + attention_mask` in
+        # eager_attention_forward), so it gets an additive float mask, 0 or the dtype's min (`eager_mask`).
+        # Kernels that take no dense mask (flash_attention_*, flex_attention): position_ids alone, from which
+        # transformers derives the per-document mask itself (masking_utils.find_packed_sequence_indices; flash
+        # attention's varlen path) -- untested here (raylm's models run sdpa; on CPU, flex_attention through that
+        # path did not mask in transformers 5.19 / torch 2.13). Passed as kwargs, so DDP/FSDP2/DeepSpeed wrappers
+        # forward them unchanged.
+        config = getattr(unwrap(model), "config", None)
+        impl = getattr(config, "_attn_implementation", None) or "sdpa"
+        mask = None
+        if impl in ("sdpa", "eager"):
+            t = seg.shape[-1]
+            causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+            mask = (seg[:, :, None] == seg[:, None, :]) & causal  # (B, T query, T key)
+            if batch.get("attention_mask") is not None:  # padding keys stay masked too
+                mask = mask & batch["attention_mask"][:, None, :].bool()
+            mask = mask[:, None]
+            if impl == "eager":
+                mask = torch.zeros(mask.shape, device=seg.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask,
+                       position_ids=batch.get("position_ids")).logits
     loss = LM_LOSSES[job["loss"]](logits, batch["labels"])
     return loss, {"loss": loss.detach()}
 
