@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from raylm.config import ConfigError, LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainStageConfig, TrainSpec
+from raylm.config import ConfigError, LoraSpec, OptimSpec, ResourcesSpec, TrainStageConfig, TrainSpec
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import PREFERENCE_LOSSES
 from raylm.stage import require_paths

@@ -13,10 +13,10 @@ import numpy as np
 import ray
 from transformers import AutoConfig
 
-from raylm.config import ConfigError, ModelSpec, OptimSpec, ResourcesSpec, StageConfig, TrainStageConfig, TrainSpec
+from raylm.config import ConfigError, ModelSpec, OptimSpec, ResourcesSpec, TrainStageConfig, TrainSpec
 from raylm.data.cache import tokenized
 from raylm.data.tokenize import PACK_BATCH_ROWS, pack_text
-from raylm.models import architecture, check_architecture, flops_per_token, model_config
+from raylm.models import architecture, check_architecture, flops_per_token, load_tokenizer, model_config
 from raylm.runs import local_path
 from raylm.stage import require_paths
 from raylm.train.launch import fit, resume_point, train_facts
@@ -24,6 +24,15 @@ from raylm.train.steps import logged_metrics
 
 STAGE = "pretrain"
 INPUTS = {"dataset": ("dataset",), "tokenizer": ("tokenizer",)}
+# Continued pre-training or an annealing run (configs/pretrain/anneal.yaml): start from a model run's weights
+# (the same as model.path=its directory, but by run id and in the lineage).
+OPTIONAL_INPUTS = {"model": ("model",)}
+
+
+def model_spec(inputs, cfg) -> ModelSpec:
+    if "model" in inputs:
+        return cfg.model.model_copy(update={"path": inputs["model"].uri, "preset": None})
+    return cfg.model
 METRICS = logged_metrics("lm")  # per log step: what a sweep can optimise
 
 
@@ -112,13 +121,17 @@ def docs_per_block(blocks) -> float:
 
 def check(inputs, cfg: Config) -> None:
     require_paths(STAGE, inputs["dataset"].uri, {"train split": "text_train", "val split": "text_val"})
-    where = "model.path" if cfg.model.path else "model.overrides"
+    spec = model_spec(inputs, cfg)
+    where = "inputs.model" if "model" in inputs else "model.path" if spec.path else "model.overrides"
     try:  # transformers validates some shapes itself (its own exception types): one clear error either way
-        arch = model_config(cfg.model, vocab_size=1)
+        arch = model_config(spec, vocab_size=1)
     except Exception as exc:  # noqa: BLE001
         reason = re.sub(r"^\s*\w+Error:\s*", "", str(exc).strip().splitlines()[-1])
         raise ConfigError(f"{where}: {reason}") from None
     check_architecture(arch, where)
+    if spec.path and len(load_tokenizer(inputs["tokenizer"].uri)) > arch.vocab_size:
+        raise ConfigError(f"{where}: the model has {arch.vocab_size} embedding rows but tokenizer "
+                          f"{inputs['tokenizer'].run_id} has {len(load_tokenizer(inputs['tokenizer'].uri))} tokens")
     curated_blocks(inputs["dataset"].uri, inputs["tokenizer"].uri, cfg)
 
 
@@ -133,7 +146,8 @@ def body(run, inputs, cfg: Config) -> None:
             train = packed(f"{data}/text_train", tok_path, cfg.train.seq_len, cfg.train.seed)
             val = packed(f"{data}/text_val", tok_path, cfg.train.seq_len)
     job = {"objective": "lm", "loss": "causal_lm", "tokenizer_path": tok_path,
-           "model": cfg.model.model_dump(), "optim": cfg.optim.model_dump(), "train": cfg.train.model_dump()}
+           "model": model_spec(inputs, cfg).model_dump(), "optim": cfg.optim.model_dump(),
+           "train": cfg.train.model_dump()}
     with run.time("train_s"):
         out = fit(job, {"train": train, "val": val}, cfg.resources, run.uri("train"), run.id,
                   resume_from=resume_point(run, cfg.resume_from))

@@ -271,11 +271,17 @@ def _training(m: Manifest, store: RunStore, title: str, **curve_kw) -> tuple[dic
     schedule = {**(schedule_facts(train.get("max_steps", 0), optim) if optim.get("lr") is not None else {}),
                 "optimizer": f"AdamW betas={optim.get('betas')} wd={optim.get('weight_decay')}",
                 "grad_clip": optim.get("grad_clip")}
+    accum = train.get("grad_accum") or 1
     setup = {"steps": train.get("max_steps"), "batch_size_per_worker": train.get("batch_size"),
-             "global_batch": (train.get("batch_size") or 0) * (res.get("num_workers") or 1),
+             "grad_accum": accum, "global_batch": (train.get("batch_size") or 0) * accum * (res.get("num_workers") or 1),
              "seq_len": train.get("seq_len"),
              "workers": f"{res.get('num_workers')}x {'GPU' if res.get('use_gpu') else 'CPU'}",
-             "strategy": res.get("strategy"), "framework": "Ray Train TorchTrainer"}
+             "strategy": res.get("strategy"), "offload": res.get("offload"), "precision": train.get("precision"),
+             "activation_checkpointing": train.get("activation_checkpointing"),
+             "framework": "Ray Train TorchTrainer" + (" + DeepSpeed" if str(res.get("strategy")).startswith("zero")
+                                                      else ""),
+             **pick(m.metrics, "stop_reason", "steps_run", "restarts", "resumed_from", "mfu", "peak_memory_bytes",
+                    "device_hours")}
     history = store.history(m.run_id)
     return schedule, setup, img(curves(history, title, **curve_kw)) + diagnosis_html(history)
 
@@ -297,11 +303,21 @@ def section_sft(m: Manifest, store: RunStore) -> str:
     x = m.metrics
     schedule, setup, fig = _training(m, store, "sft")
     lora = m.config.get("lora")
-    method = ({"method": "LoRA (PEFT)", "rank": lora["rank"], "alpha": lora["alpha"], "dropout": lora["dropout"],
-               "target_modules": lora["target_modules"],
-               "fully trained modules": lora.get("modules_to_save") or "none", "merge": "merged into the base weights for export"}
-              if lora else {"method": "full fine-tuning"})
-    data = pick(x, "examples", "epochs", "trainable_params", "params", "adapter_params")
+    kind = (lora or {}).get("method", "lora")
+    if not lora or kind == "full":
+        method = {"method": "full fine-tuning"}
+    else:
+        method = {"method": f"{kind} (PEFT)",
+                  **({"rank": lora["rank"], "alpha": lora["alpha"], "dropout": lora["dropout"]}
+                     if kind in ("lora", "dora", "qlora") else {}),
+                  **({"virtual tokens": lora.get("num_virtual_tokens")} if kind in ("prefix", "prompt") else {}),
+                  "target_modules": lora.get("target_modules") if kind not in ("bitfit", "prefix", "prompt") else "-",
+                  "fully trained modules": lora.get("modules_to_save") or "none",
+                  "merge": x.get("merge_note") or ("merged into the base weights for export" if x.get("merged", True)
+                                                   else "not merged: serve with the adapter"),
+                  **pick(x, "incremental_from")}
+    data = pick(x, "examples", "epochs", "trainable_params", "params", "adapter_params", "replay_rows",
+                "replay_ratio_achieved")
     result = pick(x, "initial_loss", "final_loss", "initial_val_loss", "final_val_loss")
     return (f"<h2>5. Supervised fine-tuning</h2>{run_header(m)}<h3>Method</h3>{kv_table(method)}"
             f"<h3>Data</h3>{kv_table({'data': 'synthetic instruction tasks (tasks_train split)', **data})}"

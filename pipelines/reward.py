@@ -12,9 +12,9 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
-from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, StageConfig, TrainStageConfig, TrainSpec
+from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, TrainStageConfig, TrainSpec
 from raylm.data.tokenize import PreferencePairs
 from raylm.losses import REWARD_LOSSES
 from raylm.runs import RunError
@@ -35,6 +35,13 @@ class Config(TrainStageConfig):
     margin: float = 0.0  # required gap r_chosen - r_rejected (Llama 2's margin term)
     center_coef: float = 0.0  # weight of (r_c + r_r)^2, keeps rewards near zero (TRL center_rewards_coefficient)
     lora: LoraSpec | None = LoraSpec()  # null = full fine-tuning; with LoRA the score head is trained in full
+
+    @model_validator(mode="after")
+    def _lora_methods(self):
+        if self.lora and self.lora.method not in ("lora", "dora"):  # the ones tested with a sequence-classification head
+            raise ValueError(f"lora.method={self.lora.method!r}: the reward model trains with lora, dora or in full "
+                             "(lora: null)")
+        return self
     optim: OptimSpec = OptimSpec(lr=1e-3, warmup_steps=10)
     train: TrainSpec = TrainSpec(max_steps=100, batch_size=16, seq_len=48, eval_every=20)
     resources: ResourcesSpec = ResourcesSpec()

@@ -119,6 +119,9 @@ class Config(StageConfig):
         if context and self.max_prompt_len + self.max_new_tokens > context:
             raise ValueError(f"max_prompt_len + max_new_tokens = {self.max_prompt_len + self.max_new_tokens} exceeds "
                              f"the rollout engine's context rollout.engine_kwargs.max_model_len={context}")
+        if self.lora and self.lora.method != "lora":
+            # the weight push merges LoRA deltas by name (learner.merged_state); other PEFT methods are not wired in
+            raise ValueError(f"lora.method={self.lora.method!r}: rl trains the policy with lora or in full (lora: null)")
         if self.resources.strategy.startswith("zero"):
             raise ValueError(f"resources.strategy={self.resources.strategy!r}: the RL learner runs fsdp2 or ddp "
                              "(DeepSpeed ZeRO is for pretrain, sft, dpo and reward)")

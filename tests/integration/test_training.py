@@ -188,3 +188,19 @@ def test_bad_training_configs_fail_before_any_worker_starts(store):
     with pytest.raises(RunError, match="no resumable checkpoint"):
         pretrain(store, **{"resume_from": store["data"]})
     assert len(store["store"].list()) == before  # nothing started
+
+
+def test_an_annealing_run_continues_a_model_and_runs_only_the_decay(store, backends):
+    parent = store["store"].load(backends["ddp"])
+    cfg = load_config(PRETRAIN.Config, REPO / "pipelines/configs/pretrain/anneal.yaml", [
+        f"root={store['root']}", f"inputs.dataset={store['data']}", f"inputs.tokenizer={store['tok']}",
+        f"inputs.model={parent.run_id}", "use_packed=false", "train.max_steps=10", "train.batch_size=8",
+        "train.seq_len=64", "train.eval_every=5"])
+    rid = execute(PRETRAIN, cfg)
+    m = store["store"].load(rid)
+    assert parent.run_id in [r.run_id for r in store["store"].lineage(rid)]  # in the lineage, by run id
+    hist = store["store"].history(rid)
+    lrs = [r["lr"] for r in hist]
+    assert lrs[0] == pytest.approx(1e-3) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-3 * 0.35
+    # it continues the parent's weights: it starts near the parent's final loss, far below a fresh model's
+    assert hist[0]["loss"] < losses(store, parent.run_id)[1] - 0.5
