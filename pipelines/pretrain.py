@@ -155,7 +155,6 @@ def body(run, inputs, cfg: Config) -> None:
     model_uri = f"{out['checkpoint']}/model"
     model_cfg = AutoConfig.from_pretrained(local_path(model_uri))  # the exported config: no second model load
     arch, n_params = architecture(model_cfg), out["metrics"]["params"]
-    n_tokens_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.resources.num_workers * cfg.train.seq_len
     run.add_artifact("model", "model", model_uri, meta={"architecture": arch, "params": n_params})
     run.log_history(out["history"])
     first, last = out["history"][0], out["history"][-1]
@@ -164,7 +163,7 @@ def body(run, inputs, cfg: Config) -> None:
         "doc_mask": use_blocks and cfg.doc_mask,
         "docs_per_block": round(docs_per_block(train), 3) if use_blocks and cfg.doc_mask else None,
         "dataset_tokens": train.count() * cfg.train.seq_len, "tokens_seen": last["tokens_seen"],
-        "tokens_per_step": n_tokens_step, "epochs": round(last["tokens_seen"] / max(1, train.count() *
+        "epochs": round(last["tokens_seen"] / max(1, train.count() *
                                                                                       cfg.train.seq_len), 2),
         "flops_per_token": flops_per_token(model_cfg, cfg.train.seq_len),
         "total_flops": flops_per_token(model_cfg, cfg.train.seq_len) * last["tokens_seen"],
