@@ -19,9 +19,10 @@ import os
 import random
 import resource
 import shutil
+import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import ray.train
@@ -35,17 +36,56 @@ from raylm.train.schedules import lr_at
 from raylm.train.steps import OBJECTIVES, make_model
 
 
-def export(job: dict, state: dict, tokenizer, out_dir: str) -> dict:
-    """Rank 0: rebuild the model on CPU, load the trained state, save `model/` (merged where the method allows) and
-    `adapter/` for PEFT methods (`raylm.train.peft_menu`); returns what the export records (merged or not)."""
+def export(job: dict, state: dict | None, tokenizer, out_dir: str, model=None) -> dict:
+    """Rank 0: save `model/` (merged where the method allows) and `adapter/` for PEFT methods
+    (`raylm.train.peft_menu`); returns what the export records (merged or not). `model`: the trained model itself
+    when this rank holds all of it (`whole_model`), saved as it is; without it the model is rebuilt on CPU and the
+    gathered `state` loaded into it."""
     from raylm.config import LoraSpec
     from raylm.train.peft_menu import export_job, export_model, load_trained_state
 
-    model = make_model(export_job(job), tokenizer)
-    load_trained_state(model, state, job)
-    _, info = export_model(model, out_dir, LoraSpec(**job["lora"]) if job.get("lora") else None)
+    if model is None:
+        model = make_model(export_job(job), tokenizer)
+        load_trained_state(model, state, job)
+    with _no_deepspeed_probe():
+        _, info = export_model(model, out_dir, LoraSpec(**job["lora"]) if job.get("lora") else None)
     tokenizer.save_pretrained(os.path.join(out_dir, "model"))
     return info
+
+
+@contextmanager
+def _no_deepspeed_probe():
+    """transformers' `save_pretrained` unwraps the model with accelerate's `extract_model_from_parallel`, which
+    imports deepspeed whenever it is installed only to test `isinstance(model, DeepSpeedEngine)`: ~1 s (import,
+    accelerator detection, a test compile) of every export from a process that never used DeepSpeed. Where
+    deepspeed is not imported, no model is a DeepSpeedEngine: the test is skipped for the block, same files."""
+    try:
+        import accelerate.utils.other as acc
+    except ImportError:
+        acc = None
+    if "deepspeed" in sys.modules or acc is None or not hasattr(acc, "is_deepspeed_available"):
+        yield
+        return
+    probe = acc.is_deepspeed_available
+    acc.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        acc.is_deepspeed_available = probe
+
+
+def whole_model(backend, job: dict, device: torch.device):
+    """The trained model, when every rank holds all of it in the dtype the export has: one worker, DDP or ZeRO-1/2,
+    on CPU, not QLoRA. Rank 0 then exports it as it is, instead of gathering a full state dict, building a fresh
+    random-init model and loading the state into it (on a 97M-parameter model that rebuild cost ~1.5 s of every
+    run's end; `benchmarks/train_throughput.py`). None (FSDP2 or ZeRO-3 shards, GPU, QLoRA's 4-bit base): rebuild.
+    The same answer on every rank, so the gather stays a collective all of them join."""
+    if device.type != "cpu" or (job.get("lora") or {}).get("method") == "qlora":
+        return None
+    if isinstance(backend, backends.DeepSpeedBackend):
+        return backend.unwrapped() if backend.stage < 3 else None
+    sharded = backend.strategy == "fsdp2" and (dist.get_world_size() if dist.is_initialized() else 1) > 1
+    return None if sharded else backend.unwrapped()
 
 
 # ---------------------------------------------------------------- helpers
@@ -189,6 +229,7 @@ def report(row: dict, checkpoint_dir: str | None) -> None:
 
 # ---------------------------------------------------------------- the loop
 def train_loop_per_worker(job: dict) -> None:
+    t_enter = time.time()  # fixed-cost breakdown (final metrics): set-up, export and the final report's time
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc, oc = job["train"], job["optim"]
@@ -197,6 +238,7 @@ def train_loop_per_worker(job: dict) -> None:
     tokenizer = load_tokenizer(job["tokenizer_path"])
     device = ray.train.torch.get_device()  # batches arrive there too (iter_torch_batches' device="auto")
     model = make_model(job, tokenizer).to(device)
+    t_model = time.time()
     if tc.get("activation_checkpointing"):
         # recompute each decoder layer's activations in backward: memory for compute (non-reentrant, as FSDP2
         # and DeepSpeed require); a PEFT model needs its inputs to require grad for it
@@ -209,6 +251,7 @@ def train_loop_per_worker(job: dict) -> None:
     if job["objective"] == "preference" and not job.get("lora"):
         job["_ref_model"] = make_model(job, tokenizer).to(device).eval().requires_grad_(False)
     backend = backends.create(model, job)
+    t_backend = time.time()
     model = backend.model
     model.train()
     step_fn = OBJECTIVES[job["objective"]]
@@ -231,7 +274,9 @@ def train_loop_per_worker(job: dict) -> None:
                         tc["seed"] + 1000 * rank, skip=start * accum)
     fpt = flops_per_token(model_cfg, tc["seq_len"]) if model_cfg is not None and job.get("task") != "seq_cls" \
         else 6 * n_params
+    t_probe = time.time()
     peak_flops = matmul_flops(device, precision)
+    probe_s = time.time() - t_probe
 
     window: dict[str, torch.Tensor] = {}  # metric sums since the last logged step (logged values are means)
     t_start = t_last = time.time()
@@ -294,7 +339,8 @@ def train_loop_per_worker(job: dict) -> None:
             report(row, save_trainer_state(backend, progress, rank) if want_ckpt else None)
     else:
         step = stop_at
-    train_s = time.time() - t_start
+    t_end = time.time()
+    train_s = t_end - t_start
 
     progress.update(step=step, history=history, batches_consumed=step * accum)
     steps_run = step - start
@@ -307,17 +353,28 @@ def train_loop_per_worker(job: dict) -> None:
              "stop_reason": stop_reason or ("stop_at" if stop_at < tc["max_steps"] else "max_steps"),
              "flops_per_token": fpt, "total_flops": fpt * tokens_per_step * step,
              "matmul_flops_per_s": flops_s, "mfu": round(achieved / (sum(flops_s) / world), 4),
-             "peak_memory_bytes": mem, "device_hours": round(world * train_s / 3600, 6)}
+             "peak_memory_bytes": mem, "device_hours": round(world * train_s / 3600, 6),
+             # where a run's time outside the steps goes (rank 0): from entering the loop to the first step,
+             # split into model build, distribution and the matmul probe; then the end (state, export)
+             "loop_entered_at": t_enter, "setup_s": round(t_start - t_enter, 3),
+             "model_build_s": round(t_model - t_enter, 3), "distribute_s": round(t_backend - t_model, 3),
+             "matmul_probe_s": round(probe_s, 3)}
     # the state rides along when the run may be continued: periodic checkpoints on, stopped early, or non-finite
     keep_state = bool(every) or stop_reason is not None or stop_at < tc["max_steps"]
     state_dir = save_trainer_state(backend, progress, rank) if keep_state else None
-    state = backend.full_state_dict()
+    t_state = time.time()
+    trained = whole_model(backend, job, device)
+    state = backend.full_state_dict() if trained is None else None
     out_dir = state_dir or tempfile.mkdtemp(prefix="raylm-export-")
+    t_export = time.time()
     if rank == 0:
         if stop_reason != "nonfinite":  # no model export from a run that went non-finite: only its last good state
-            final.update(export(job, state, tokenizer, out_dir))
+            final.update(export(job, state, tokenizer, out_dir, model=trained))
+        final.update(export_model_s=round(time.time() - t_export, 3))
         with open(os.path.join(out_dir, "history.json"), "w") as f:
             json.dump(history, f)
+    final.update(export_s=round(time.time() - t_end, 3), state_dict_s=round(t_export - t_state, 3),
+                 final_report_at=time.time())
     report(final, out_dir if (rank == 0 or state_dir) else None)
     if rank != 0 and not state_dir:
         shutil.rmtree(out_dir, ignore_errors=True)
