@@ -254,6 +254,10 @@ def train_loop_per_worker(job: dict) -> None:
     t_backend = time.time()
     model = backend.model
     model.train()
+    keep_zeros = None
+    if job.get("keep_zeros"):  # prune's recovery run: pruned weights stay zero (re-applied after every step)
+        from raylm.compress.prune import zero_keeper
+        keep_zeros = zero_keeper(backend.unwrapped(), job["keep_zeros"])
     step_fn = OBJECTIVES[job["objective"]]
     val_shard = ray.train.get_dataset_shard("val") if job.get("has_val") else None
     tokens_per_step = tc["batch_size"] * accum * world * tc["seq_len"]
@@ -301,6 +305,8 @@ def train_loop_per_worker(job: dict) -> None:
             stop_reason = "nonfinite"
             break
         backend.step(lr)
+        if keep_zeros is not None:
+            keep_zeros()
         if isinstance(backend, backends.DeepSpeedBackend):
             grad_norm = backend.last_grad_norm()
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float().reshape(()).cpu()
