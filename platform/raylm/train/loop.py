@@ -1,4 +1,4 @@
-"""The Ray Train loop shared by pre-training, SFT, the DPO family and reward modelling.
+"""The Ray Train loop shared by pre-training, SFT, the DPO family, reward modelling and distillation.
 
 What differs between stages is only the objective (`lm`, `preference` or `reward`, the last with a
 sequence-classification model: `job["task"] == "seq_cls"`) and the loss name; the loop does
@@ -250,6 +250,9 @@ def train_loop_per_worker(job: dict) -> None:
     model_cfg = getattr(model, "config", None)
     if job["objective"] == "preference" and not job.get("lora"):
         job["_ref_model"] = make_model(job, tokenizer).to(device).eval().requires_grad_(False)
+    if job["objective"] == "distill":  # the frozen teacher (eval, no grad) beside the student: raylm.compress.distill
+        from raylm.compress.distill import worker_setup
+        job.update(worker_setup(job, tokenizer, device))
     backend = backends.create(model, job)
     t_backend = time.time()
     model = backend.model

@@ -126,13 +126,44 @@ def reward_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
                   "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean()}
 
 
-OBJECTIVES = {"lm": lm_step, "preference": preference_step, "reward": reward_step}
+# ---------------------------------------------------------------- distillation (the `distill` stage)
+def distill_step(model, batch: dict, job: dict) -> tuple[torch.Tensor, dict]:
+    """Student vs the frozen teacher (`job["_teacher"]`, loaded by the loop): `raylm.compress.distill`'s
+    alpha * KD + (1 - alpha) * CE (+ hidden-state MSE). On-policy mode (`job["distill"]["on_policy"]`): a
+    `fraction` of training batches (GKD's lambda; one shared RNG stream, so every rank decides alike) are the
+    student's own samples for the rows' prompts; validation uses its greedy answers."""
+    from raylm.compress import distill as D
+
+    cfg = job["distill"]
+    op = cfg.get("on_policy")
+    if op:
+        calls = job["_distill_calls"] = job.get("_distill_calls", 0) + 1
+        greedy = not unwrap(model).training
+        coin = torch.rand((), generator=torch.Generator().manual_seed(job["train"]["seed"] * 100003 + calls))
+        if greedy or coin < op["fraction"]:
+            import torch.distributed as dist
+
+            synced = dist.is_initialized() and dist.get_world_size() > 1
+            batch = D.sample_completions(unwrap(model), batch["input_ids"], batch["labels"], job["_pad_id"],
+                                         job["_stop_ids"], op["max_new_tokens"], op["temperature"], greedy, synced)
+    hidden = bool(cfg.get("hidden_weight"))
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    with torch.no_grad():
+        t_out = job["_teacher"](**kw, output_hidden_states=hidden)
+    s_out = model(**kw, output_hidden_states=hidden)
+    return D.distill_objective(s_out.logits, t_out.logits, batch["labels"], cfg,
+                               s_out.hidden_states if hidden else None, t_out.hidden_states if hidden else None,
+                               batch.get("attention_mask"))
+
+
+OBJECTIVES = {"lm": lm_step, "preference": preference_step, "reward": reward_step, "distill": distill_step}
 # What each objective's step returns: with `val_` in front, what validation logs too (sweeps check against these).
 OBJECTIVE_METRICS = {
     "lm": ("loss",),
     "preference": ("loss", "preference_loss", "nll_chosen", "reward_chosen", "reward_rejected", "reward_margin",
                    "reward_accuracy", "logp_chosen"),
     "reward": ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected"),
+    "distill": ("loss", "kd_loss", "ce_loss", "kl_to_teacher", "reverse_kl_to_teacher"),  # + hidden_loss when on
 }
 
 
