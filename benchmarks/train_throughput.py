@@ -128,6 +128,19 @@ def steady(step_s: list[float], warmup: int) -> float:
     return sum(rest) / len(rest)
 
 
+def median_run(rs: list[dict]) -> dict:
+    """The repeat with the median steady tokens/s (its other figures come with it)."""
+    return sorted(rs, key=lambda r: r["steady_tok_s"])[(len(rs) - 1) // 2]
+
+
+def spread(ours: list[dict], ref: list[dict], key: str) -> str:
+    """Ratio of the median repeats, and the range over the repeats paired in order (repeat i of each config ran
+    back to back)."""
+    med = median_run(ours)[key] / median_run(ref)[key]
+    pairs = sorted(o[key] / a[key] for o, a in zip(ours, ref))
+    return f"{med:.2f}x" + (f" ({pairs[0]:.2f}-{pairs[-1]:.2f})" if len(pairs) > 1 else "")
+
+
 # ---------------------------------------------------------------- anchor
 def anchor(tok_dir: str, precision: str, steps: int, warmup: int) -> dict:
     import torch.nn.functional as F
@@ -222,6 +235,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the steady state")
     ap.add_argument("--quick", action="store_true", help=f"5 steps, only {', '.join(QUICK)}")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the configs this many times, interleaved; the table shows medians and each ratio's range")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     names = list(QUICK) if args.quick else args.configs.split(",")
@@ -233,8 +248,8 @@ def main() -> None:
     tok_dir = tokenizer_dir()
     init_ray()  # up for every config: the anchor runs beside the same idle Ray processes the trainer has
     storage = tempfile.mkdtemp(prefix="bench-train-")
-    results = {}
-    for name in names:
+    runs: dict[str, list[dict]] = {}
+    for name in [n for _ in range(args.repeats) for n in names]:  # interleaved: drift hits every config alike
         kind, precision, workers, strategy = CONFIGS[name]
         t = time.perf_counter()
         with CpuSampler() as cpu:
@@ -245,14 +260,16 @@ def main() -> None:
         if kind != "anchor":
             shutil.rmtree(r.pop("checkpoint"), ignore_errors=True)
         r["cpu_s"] = {k: round(v, 1) for k, v in cpu.by_name().items()}
+        r["name"] = name
         st = steady(r["step_s"], args.warmup)
         r.update(steady_step_s=st, steady_tok_s=BATCH * SEQ / st, whole_tok_s=steps * BATCH * SEQ / r["wall_s"],
                  mfu=r["fpt"] * BATCH * SEQ / st / r["flops_s"], fixed_s=r["wall_s"] - steps * st,
                  first_steps_excess_s=sum(s - st for s in r["step_s"][:args.warmup]))
-        results[name] = r
+        runs.setdefault(name, []).append(r)
         print(f"{name}: {time.perf_counter() - t:.1f}s  steps {[round(s, 2) for s in r['step_s']]}  "
               f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
 
+    results = {name: median_run(rs) for name, rs in runs.items()}
     tokens = BATCH * SEQ
     print(f"\nmodel: {next(iter(results.values()))['params']:,} parameters, batch {BATCH} x {SEQ} = {tokens} tokens "
           f"per step, {steps} steps (steady state: steps {args.warmup + 1}-{steps}); cpus={os.cpu_count()} "
@@ -262,7 +279,7 @@ def main() -> None:
     print(" | ".join(hdr))
     for name, r in results.items():
         ref = results.get(f"anchor-{CONFIGS[name][1]}") or results.get("anchor-fp32")
-        ratio = (lambda k: f"{r[k] / ref[k]:.2f}x") if ref else (lambda k: "-")
+        ratio = (lambda k: spread(runs[name], runs[ref["name"]], k)) if ref else (lambda k: "-")
         print(" | ".join([name, f"{r['steady_tok_s']:.0f}", f"{r['whole_tok_s']:.0f}", f"{r['mfu']:.3f}",
                           f"{r['flops_s'] / 1e9:.0f}", f"{r['wall_s']:.1f}", f"{r['fixed_s']:.1f}",
                           ratio("steady_tok_s"), ratio("whole_tok_s")]))
@@ -279,7 +296,7 @@ def main() -> None:
         print(f"  {name} ({r['wall_s']:.0f} s wall): " + ", ".join(f"{k} {v}" for k, v in r["cpu_s"].items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"steps": steps, "warmup": args.warmup, "results": results}, f, indent=1)
+            json.dump({"steps": steps, "warmup": args.warmup, "repeats": args.repeats, "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

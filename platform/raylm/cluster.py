@@ -14,6 +14,7 @@ REPO_DIR = PACKAGE_DIR.parents[1]
 # Parquet, curate a dozen times. Set for the driver and for workers (Tune trials build their own DataContext).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
               "RAY_DATA_USE_DATASOURCE_V2": "0"}
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 def code_runtime_env() -> dict:
@@ -44,6 +45,11 @@ def init_ray(address: str | None = None) -> None:
         # Inside `ray job submit` the job's runtime_env (working_dir) already applies; add the package modules.
         ray.init(address=address, runtime_env={**code_runtime_env(), "env_vars": WORKER_ENV}, log_to_driver=True)
     else:
+        # A local one-node cluster has no node to drain and no Prometheus to scrape: Ray Train's preemption
+        # watcher (an actor polling drain state) and its metrics callbacks (controller and every worker) only take
+        # CPU from the training workers (benchmarks/train_throughput.py). A value the user set wins.
+        for name in LOCAL_TRAIN_ENV:
+            os.environ.setdefault(name, LOCAL_TRAIN_ENV[name])
         ray.init(num_cpus=local_num_cpus(), include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": WORKER_ENV})
     ctx = ray.data.DataContext.get_current()
