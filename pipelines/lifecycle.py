@@ -1,7 +1,8 @@
 """lifecycle: the whole walking lifecycle as chained stage runs on one Ray cluster.
 
-curate -> tokenizer -> pretrain -> sft -> dpo -> reward -> rl -> evaluate -> serve -> report (the reward model is
-trained beside the chain; rl continues from dpo, or sft when dpo is skipped). Each stage is an ordinary run
+curate -> tokenizer -> pretrain -> sft -> dpo -> reward -> rl -> evaluate -> quantize -> serve -> report (the reward
+model is trained beside the chain; rl continues from dpo, or sft when dpo is skipped; quantize measures an INT8
+copy of the final model beside it: serve still serves the full-precision one). Each stage is an ordinary run
 (its own manifest); inputs are wired by run id. Every stage config is validated before the first stage starts,
 so a typo in the last stage's section fails in seconds, not after training.
 """
@@ -17,7 +18,7 @@ from raylm.config import ConfigError, Section, deep_merge, load_config
 from raylm.runs import RunError, RunStore
 from raylm.stage import execute
 
-ORDER = ["curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report"]
+ORDER = ["curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "quantize", "serve", "report"]
 # role -> the earlier stages whose run can feed it, in order of preference (the first one not skipped wins)
 WIRING = {
     "tokenizer": {"dataset": ("curate",)},
@@ -27,6 +28,7 @@ WIRING = {
     "reward": {"model": ("sft",), "dataset": ("curate",)},
     "rl": {"model": ("dpo", "sft"), "dataset": ("curate",)},
     "evaluate": {"model": ("rl", "dpo", "sft"), "dataset": ("curate",)},
+    "quantize": {"model": ("rl", "dpo", "sft"), "dataset": ("curate",)},
     "serve": {"model": ("rl", "dpo", "sft")},
     "report": {"run": ("serve", "evaluate")},
 }
@@ -50,6 +52,7 @@ class Config(Section):
     reward: dict = {}
     rl: dict = {}
     evaluate: dict = {}
+    quantize: dict = {}
     serve: dict = {}
     report: dict = {}
 
@@ -120,6 +123,11 @@ def summary(store: RunStore, done: dict[str, str]) -> str:
         for rid, m in ev.get("models", {}).items():
             lines.append(f"  eval {m['stage']:<9} ppl={m['perplexity']:<9} exact_match={m['exact_match']:<6} "
                          f"preference_accuracy={m['preference_accuracy']}")
+    if "quantize" in done:
+        comp = store.load(done["quantize"]).metrics.get("compression", {})
+        for name, r in comp.get("ratios", {}).items():
+            lines.append(f"  quantize {name}: perplexity x{r.get('perplexity')}, checkpoint bytes "
+                         f"x{r.get('checkpoint_bytes')}, vLLM tokens/s x{r.get('tokens_per_s')}")
     return "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ def collect(store: RunStore, run_id: str) -> dict[str, list[Manifest]]:
     by_stage: dict[str, list[Manifest]] = {}
     for m in lineage:
         by_stage.setdefault(m.stage, []).append(m)
-    for stage in ("reward", "evaluate", "serve"):
+    for stage in ("reward", "evaluate", "serve", "quantize"):
         if stage in by_stage:
             continue
         users = [m for m in store.list(stage) if m.status == "succeeded" and any(i.run_id in ids for i in m.inputs)]
@@ -533,15 +533,50 @@ def section_serve(m: Manifest) -> str:
             "</code>, load with <code>raylm loadtest URL</code>.</p>")
 
 
+COMPRESSION_TITLES = {"distill": "Distillation", "prune": "Pruning", "quantize": "Quantization"}
+COMPRESSION_COLUMNS = ("params", "checkpoint_bytes", "perplexity", "exact_match", "forward_ms", "tokens_per_s",
+                       "peak_rss_bytes", "served")
+
+
+def compression_table(comp: dict) -> str:
+    """Every model a compression run measured (the input first), side by side, with ratios to the input: all
+    figures measured in that run (`raylm.compress.measure.side_by_side`)."""
+    models, ratios, ref = comp.get("models", {}), comp.get("ratios", {}), comp.get("reference")
+    rows = []
+    for name, row in models.items():
+        r = ratios.get(name, {})
+        cells = {"model": name + (" (reference)" if name == ref else "")}
+        for k in COMPRESSION_COLUMNS:
+            v = row.get(k)
+            ratio = r.get(k)
+            cells[k] = v if ratio is None or name == ref else f"{_fmt(v)} ({ratio:.3g}x)"
+        if row.get("vllm_error"):
+            cells["vLLM error"] = row["vllm_error"][:300]
+        rows.append(cells)
+    return grid(rows)
+
+
+def section_compression(m: Manifest, store: RunStore) -> str:
+    x = m.metrics
+    nested = ("sensitive_layers", "dims_before", "dims_after", "loss_weights", "retention", "vllm_formats")
+    facts = {k: v for k, v in x.items() if k != "compression" and (not isinstance(v, (list, dict)) or k in nested)}
+    history = store.history(m.run_id)
+    fig = img(curves(history, m.stage)) if history else ""
+    return (f"<h2>{COMPRESSION_TITLES.get(m.stage, m.stage)}</h2>{run_header(m)}{kv_table(facts)}"
+            f"<h3>Side by side (measured in this run; ratio to the reference in brackets)</h3>"
+            f"{compression_table(x.get('compression', {}))}{fig}")
+
+
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
          "margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:13px;vertical-align:top}"
          "table.kv th{background:#f4f4f4;width:260px}.run{color:#555;font-size:12px}img{max-width:100%}")
 
 
 def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], title: str) -> str:
-    order = [m for s in ("curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve")
-             for m in by_stage.get(s, [])]
-    known = {"curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report"}
+    order = [m for s in ("curate", "tokenizer", "pretrain", "prune", "distill", "sft", "dpo", "reward", "rl",
+                         "evaluate", "quantize", "serve") for m in by_stage.get(s, [])]
+    known = {"curate", "tokenizer", "pretrain", "prune", "distill", "sft", "dpo", "reward", "rl", "evaluate",
+             "quantize", "serve", "report"}
     order += [m for s, ms in by_stage.items() if s not in known for m in ms]
     chain = " → ".join(f"{m.stage}" for m in order)
     final_model = next((m for s in ("rl", "dpo", "sft", "pretrain") for m in by_stage.get(s, [])), None)
@@ -555,7 +590,7 @@ def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], ti
     writers = {"curate": section_data, "tokenizer": section_tokenizer, "evaluate": section_eval,
                "serve": section_serve}
     trainers = {"pretrain": section_pretrain, "sft": section_sft, "dpo": section_preference, "reward": section_reward,
-                "rl": section_rl, "sweep": section_sweep}
+                "rl": section_rl, "sweep": section_sweep, **{s: section_compression for s in COMPRESSION_TITLES}}
     for m in order:
         if m.stage in writers:
             parts.append(writers[m.stage](m))

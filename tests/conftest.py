@@ -89,7 +89,8 @@ def lifecycle(ray_cluster, tmp_path_factory):
     reuse = os.environ.get("RAYLM_TEST_LIFECYCLE_ROOT")  # developers: an existing lifecycle's run store
     if reuse:
         store = RunStore(reuse)
-        stages = ("curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "serve", "report")
+        stages = ("curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate", "quantize", "serve",
+                  "report")
         return {"runs": {s: store.resolve_id(f"latest/{s}") for s in stages if store.list(s)}, "store": store}
     root = tmp_path_factory.mktemp("runs")
     cfg_path = REPO / "pipelines/configs/lifecycle/tiny.yaml"

@@ -181,12 +181,12 @@ def test_report_shows_every_stage_with_curves(lifecycle):
     page = open(m.metrics["index"]).read()
     for heading in ("Overview", "Data (curate)", "Funnel", "Tokenizer", "Architecture and pre-training",
                     "Supervised fine-tuning", "Preference alignment", "Reward model", "Online RL", "Evaluation",
-                    "Serving", "Environment"):
+                    "Quantization", "Serving", "Environment"):
         assert heading in page, heading
     assert page.count("data:image/png;base64,") >= 7  # pretrain, sft, dpo, reward, rl curves + histogram + radar
     # the reward model is trained beside the chain (from sft); the report picks it up as a consumer of the lineage
     assert set(m.metrics["stages"]) == {"curate", "tokenizer", "pretrain", "sft", "dpo", "reward", "rl", "evaluate",
-                                        "serve"}
+                                        "quantize", "serve"}
 
 
 def test_lineage_walks_from_final_model_to_data(lifecycle):
