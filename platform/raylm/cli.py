@@ -11,7 +11,7 @@ from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 
 STAGES = ["curate", "tokenizer", "pretrain", "expand_vocab", "sft", "dpo", "reward", "rl", "evaluate", "serve",
-          "report", "distill", "prune"]
+          "report", "distill", "prune", "quantize"]
 
 
 def _root(args) -> str:

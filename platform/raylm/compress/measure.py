@@ -29,12 +29,38 @@ def load_for_eval(model_dir: str, dtype: str = "float32"):
     d = local_path(model_dir)
     kw = {}
     with open(os.path.join(d, "config.json")) as f:
-        if json.load(f).get("quantization_config", {}).get("quant_method") == "compressed-tensors":
-            from transformers import CompressedTensorsConfig
+        qcfg = json.load(f).get("quantization_config") or {}
+    if qcfg.get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
 
-            kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)  # decompress on load
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)  # decompress on load
     model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), **kw)
+    _simulate_activation_quant(model, qcfg)
     return model.eval(), load_tokenizer(model_dir)
+
+
+def _simulate_activation_quant(model, qcfg: dict) -> None:
+    """Decompressing gives float weights but drops the activation scheme: for W8A8 (dynamic per-token int8 inputs)
+    fake-quantize each quantized Linear's input as vLLM's kernel quantizes it, so PyTorch's figures include it."""
+    import torch
+
+    groups = [g for g in (qcfg.get("config_groups") or {}).values() if isinstance(g, dict)]
+    acts = [g.get("input_activations") for g in groups if g.get("input_activations")]
+    if not acts:
+        return
+    a = acts[0]
+    if not (a.get("type") == "int" and a.get("dynamic") and a.get("strategy") == "token" and a.get("symmetric")):
+        raise NotImplementedError(f"activation scheme {a} is not simulated in PyTorch")
+    top, ignore = 2 ** (a["num_bits"] - 1) - 1, set(qcfg.get("ignore") or [])
+
+    def fake_quant(mod, args):
+        x = args[0]
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / top
+        return (torch.clamp(torch.round(x / s), -top - 1, top) * s,) + tuple(args[1:])
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name not in ignore and ".layers." in f".{name}":
+            m.register_forward_pre_hook(fake_quant)
 
 
 def quality(model_dir: str, data_uri: str, *, seq_len: int = 128, max_blocks: int = 64, max_tasks: int = 100,
