@@ -313,8 +313,8 @@ def body(run, inputs, cfg: Config) -> None:
         "structured": cfg.structured.model_dump() if cfg.method == "structured" else None,
         "sparsity_requested": cfg.sparsity,
         # counted from the saved weights: zeros among the targeted weights / their count
-        "sparsity_reached": round(counted["sparsity"], 6), "target_zeros": counted["target_zeros"],
-        "target_params": counted["target_params"],
+        "sparsity_reached": round(counted["sparsity"], 6) if cfg.method != "structured" else None,
+        "target_zeros": counted["target_zeros"], "target_params": counted["target_params"],
         "params_before": before["params"], "params_after": after["params"],
         "nonzero_params": counted["nonzero_params"],
         "param_ratio": round(after["params"] / before["params"], 4),

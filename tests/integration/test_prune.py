@@ -89,6 +89,7 @@ def test_structured_shrinks_config_and_serves_in_hf_and_vllm(lifecycle):
     assert (a["num_attention_heads"], a["num_key_value_heads"], a["intermediate_size"]) == (2, 1, 288)
     assert a["head_dim"] == b["head_dim"] == 32
     assert x["params_after"] < x["params_before"] and x["checkpoint_bytes_after"] < x["checkpoint_bytes_before"]
+    assert x["sparsity_reached"] is None and x["compression"]["ratios"]["pruned"]["params"] < 0.85
     uri = m.outputs["model"].uri
     hf = AutoModelForCausalLM.from_pretrained(local_path(uri))
     assert hf.config.num_attention_heads == 2 and hf.config.intermediate_size == 288
