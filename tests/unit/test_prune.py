@@ -138,3 +138,23 @@ def test_not_llama_style_is_named():
         S.check_llama_style(g.config, list(g.state_dict()))
     m = tiny()
     S.check_llama_style(m.config, list(m.state_dict()))
+
+
+def test_zero_keeper_keeps_pruned_weights_at_zero_through_adamw():
+    model = tiny()
+    masks = P.prune_unstructured(model, "magnitude", 0.5)
+    names = [f"{n}.weight" for n in masks]
+    keep = P.zero_keeper(model, names)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    zeros = q == 0
+    for step in range(3):
+        model(input_ids=blocks(), labels=blocks()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:  # without the hook AdamW revives the pruned weights (their gradient is not zero)
+            assert int((q[zeros] != 0).sum()) > 0
+        keep()
+        assert torch.equal(q == 0, zeros)
+    with pytest.raises(ValueError, match="no parameter named"):
+        P.zero_keeper(model, ["model.layers.9.mlp.up_proj.weight"])
