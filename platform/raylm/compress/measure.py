@@ -18,8 +18,10 @@ import time
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
 
 
-def load_for_eval(model_dir: str, dtype: str = "float32", simulate_activations: bool = True):
-    """(model, tokenizer) in eval mode. A compressed-tensors checkpoint is decompressed to `dtype` by transformers."""
+def load_for_eval(model_dir: str, dtype: str = "float32"):
+    """(model, tokenizer) in eval mode. A compressed-tensors checkpoint is decompressed to `dtype` by transformers;
+    its Linears keep compressed-tensors' forward wrapper, which quantizes activations as the scheme says (W8A8:
+    dynamic per-token int8, checked), so PyTorch figures include the activation rounding vLLM's kernel does."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -35,33 +37,7 @@ def load_for_eval(model_dir: str, dtype: str = "float32", simulate_activations: 
 
         kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)  # decompress on load
     model = AutoModelForCausalLM.from_pretrained(d, dtype=getattr(torch, dtype), **kw)
-    if simulate_activations:
-        _simulate_activation_quant(model, qcfg)
     return model.eval(), load_tokenizer(model_dir)
-
-
-def _simulate_activation_quant(model, qcfg: dict) -> None:
-    """Decompressing gives float weights but drops the activation scheme: for W8A8 (dynamic per-token int8 inputs)
-    fake-quantize each quantized Linear's input as vLLM's kernel quantizes it, so PyTorch's figures include it."""
-    import torch
-
-    groups = [g for g in (qcfg.get("config_groups") or {}).values() if isinstance(g, dict)]
-    acts = [g.get("input_activations") for g in groups if g.get("input_activations")]
-    if not acts:
-        return
-    a = acts[0]
-    if not (a.get("type") == "int" and a.get("dynamic") and a.get("strategy") == "token" and a.get("symmetric")):
-        raise NotImplementedError(f"activation scheme {a} is not simulated in PyTorch")
-    top, ignore = 2 ** (a["num_bits"] - 1) - 1, set(qcfg.get("ignore") or [])
-
-    def fake_quant(mod, args):
-        x = args[0]
-        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / top
-        return (torch.clamp(torch.round(x / s), -top - 1, top) * s,) + tuple(args[1:])
-
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name not in ignore and ".layers." in f".{name}":
-            m.register_forward_pre_hook(fake_quant)
 
 
 def quality(model_dir: str, data_uri: str, *, seq_len: int = 128, max_blocks: int = 64, max_tasks: int = 100,
@@ -88,8 +64,8 @@ def forward_latency(model_dir: str, *, batch: int = 1, seq_len: int = 128, reps:
     """Median wall time of one PyTorch forward pass (CPU, no grad) over `reps` runs after one warm-up."""
     import torch
 
-    if model is None:  # decompressed float weights, no activation simulation: what PyTorch itself would run
-        model, _ = load_for_eval(model_dir, simulate_activations=False)
+    if model is None:  # a quantized checkpoint runs decompressed (float matmuls): not an int8-kernel figure
+        model, _ = load_for_eval(model_dir)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     times = []
