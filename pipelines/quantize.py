@@ -201,9 +201,10 @@ def quantize_task(model_uri: str, data_uri: str, out_dir: str, cfg: dict) -> dic
     if cfg["method"] == "dynamic_int8":  # PyTorch's own dynamic int8 Linear on CPU, for the latency figure
         fp, _ = measure.load_for_eval(model_uri)
         dyn = torch.ao.quantization.quantize_dynamic(fp, {torch.nn.Linear}, dtype=torch.qint8)
+        reps = cfg["measure"]["latency_reps"]
         info["pytorch_dynamic_int8"] = {
-            "fp32_forward_ms": measure.forward_latency("", model=fp, reps=cfg["measure"]["latency_reps"])["forward_ms"],
-            "int8_forward_ms": measure.forward_latency("", model=dyn, reps=cfg["measure"]["latency_reps"])["forward_ms"]}
+            "fp32_forward_ms": measure.forward_latency("", model=fp, reps=reps)["forward_ms"],
+            "int8_forward_ms": measure.forward_latency("", model=dyn, reps=reps)["forward_ms"]}
     scheme = cfg["scheme_resolved"]
     info.update(export_compressed(model, tok, out_dir, scales, bits=cfg["bits"], group_size=cfg["group_size"],
                                   activations="int8_dynamic" if scheme == "W8A8" else "none"))
@@ -235,7 +236,8 @@ def body(run, inputs, cfg: Config) -> None:
     run.add_artifact("model", "model", uri, meta=meta)
     with run.time("measure_s"):
         name = f"{cfg.method}_{scheme}" + (f"_g{cfg.group_size}" if cfg.group_size else "")
-        comp = ray.get(measure_task.remote(("fp32", model_uri), {name: local_path(uri)}, data, cfg.measure.model_dump()))
+        comp = ray.get(measure_task.remote(("fp32", model_uri), {name: local_path(uri)}, data,
+                                           cfg.measure.model_dump()))
     row, ref = comp["models"][name], comp["models"]["fp32"]
     metrics = {"method": cfg.method, "scheme": scheme, "bits": cfg.bits, "group_size": cfg.group_size,
                "format": info["format"], "compression": comp, "served": row.get("served"),

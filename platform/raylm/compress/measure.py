@@ -178,8 +178,6 @@ def default_prompts(data_uri: str, n: int = 16) -> list[str]:
     """Held-out task prompts (ChatML-formatted as the chat endpoint would) for the speed run."""
     import pyarrow.parquet as pq
 
-    from raylm.models import CHAT_TEMPLATE  # noqa: F401 - the template the tokenizer carries
-
     rows = pq.read_table(f"{data_uri}/tasks_test", columns=["prompt"]).column("prompt").to_pylist()[:n]
     return [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n" for p in rows] or ["Hello"] * n
 
@@ -203,7 +201,8 @@ RATIO_KEYS = ("params", "checkpoint_bytes", "perplexity", "exact_match", "forwar
               "peak_rss_bytes")
 
 
-def side_by_side(reference: tuple[str, str], candidates: dict[str, str], data_uri: str, cfg: dict | None = None) -> dict:
+def side_by_side(reference: tuple[str, str], candidates: dict[str, str], data_uri: str,
+                 cfg: dict | None = None) -> dict:
     """Measure the reference (name, model_dir) and every candidate {name: model_dir} the same way, in this run.
 
     cfg keys (all optional): seq_len, max_blocks, max_tasks, max_new_tokens, latency_batch, latency_reps,
