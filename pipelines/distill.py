@@ -49,8 +49,10 @@ class OnPolicySpec(Section):
 
 class DistillSpec(Section):
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd (DIVERGENCES)
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)  # loss = alpha * KD + (1 - alpha) * CE
+    # Measured on the demo (2-layer 64-wide student of the 4-layer teacher, 60 steps, held-out CE vs alpha=0):
+    # alpha 0.9 at T 1 gained 0.34 / 0.23 (seeds 0 / 1), alpha 0.5 at T 2 only 0.06 / 0.10.
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)  # loss = alpha * KD + (1 - alpha) * CE
     beta: float = Field(0.5, ge=0, le=1)  # jsd only: GKD's interpolation (0 = forward KL, 1 = reverse KL)
     hidden: HiddenSpec = HiddenSpec()
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16 halves the teacher's memory per worker
