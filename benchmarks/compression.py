@@ -82,7 +82,7 @@ def variants(model_dir: str, out: str, group_size: int) -> dict[str, tuple[str, 
 
 
 def measure_all(made: dict[str, tuple[str, dict]], data_uri: str, use_vllm: bool, max_tokens: int,
-                kv_fraction: float) -> dict:
+                kv_mib: int) -> dict:
     from raylm.compress import measure as M
 
     prompts = M.default_prompts(data_uri, 16)
@@ -97,7 +97,7 @@ def measure_all(made: dict[str, tuple[str, dict]], data_uri: str, use_vllm: bool
         del model
         if use_vllm:
             v = M.vllm_generate_speed(d, prompts=prompts, max_tokens=max_tokens,
-                                      engine_kwargs={"gpu_memory_utilization": kv_fraction, **engine})
+                                      engine_kwargs={"kv_cache_memory_bytes": kv_mib << 20, **engine})
             row.update(served=v["served"], tokens_per_s=v["tokens_per_s"], peak_rss_bytes=v["peak_rss_bytes"],
                        vllm_error=(v.get("error") or "")[:200] or None)
         rows[name] = row
@@ -133,9 +133,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32, help="INT4 group size (must divide every in_features)")
     ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--kv-fraction", type=float, default=0.15,
-                    help="vLLM gpu_memory_utilization (on CPU: the share of host memory for weights + KV cache); "
-                         "measure's default 0.05 is too small for the fp32 large model")
+    ap.add_argument("--kv-mib", type=int, default=256, help="vLLM KV cache size (the same for every variant)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -161,9 +159,9 @@ def main() -> None:
     for title, d in models.items():
         print(f"{title}: building variants of {d}", flush=True)
         made = variants(d, os.path.join(work, title.split()[0]), args.group_size)
-        results[title] = measure_all(made, data_uri, not args.no_vllm, args.max_tokens, args.kv_fraction)
+        results[title] = measure_all(made, data_uri, not args.no_vllm, args.max_tokens, args.kv_mib)
     print(f"\ncpus={os.cpu_count()} torch {torch.__version__}; vLLM: {args.max_tokens} tokens x 16 held-out prompts, "
-          f"greedy, ignore_eos; peak RSS of the vLLM engine process; forward: batch 1 x 128 tokens, median of 5")
+          f"greedy, ignore_eos; peak RSS of the vLLM engine process (KV cache {args.kv_mib} MiB); forward: batch 1 x 128 tokens, median of 5")
     for title, rows in results.items():
         print(table(title, rows))
     if args.json:
