@@ -4,6 +4,7 @@ rollout engine's fault handling (weight-version check, a replica killed mid-roll
 import dataclasses
 import importlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -176,11 +177,27 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
         victim = actors[victim[1]] if victim[0] > 0 else None
         time.sleep(0.1)
     assert victim is not None, "no replica received a rollout chunk"
-    ray.kill(victim, no_restart=True)
-    retries = client.retries
-    out = client.collect(pending, params, version)
+    # Lost chunks are re-sent to the live replica by one of two layers: Ray Serve's router itself (2.60 retries a
+    # request whose replica died, logging "... will not be considered for future requests because it has died"),
+    # or, where the error reaches it, the rollout client (`client.retries`). A full-suite run saw the router do it
+    # (client.retries stayed 0, every group came back); either way the step must complete.
+    seen = []
+
+    class Died(logging.Handler):
+        def emit(self, record):
+            if "because it has died" in record.getMessage():
+                seen.append(record)
+
+    handler = Died()
+    logging.getLogger("ray.serve").addHandler(handler)
+    try:
+        ray.kill(victim, no_restart=True)
+        retries = client.retries
+        out = client.collect(pending, params, version)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
     assert len(out) == len(prompts) and all(len(g) == 8 for g in out)
-    assert client.retries > retries  # lost chunks were re-sent to the live replica
+    assert client.retries > retries or seen, "the killed replica's chunks were never re-sent"
     deadline = time.time() + 300  # Serve starts a replacement, which catches up from the weight store
     while time.time() < deadline:
         try:

@@ -41,7 +41,7 @@ from pydantic import field_validator, model_validator
 from raylm import tasks
 from raylm.config import Section
 
-try:  # imported here, not in the forked child: preexec_fn should do as little as possible
+try:  # only to know whether RLIMIT_AS exists here; the child sets the limit itself (_BOOT)
     import resource
 except ImportError:  # pragma: no cover - not on POSIX
     resource = None
@@ -110,13 +110,18 @@ def extract_code(response: str) -> str:
     return m.group(1) if m else response
 
 
-def _limit_memory(limit_bytes: int) -> Callable[[], None]:
-    def preexec() -> None:  # runs in the forked child before exec: only a syscall, nothing to import
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-        except (ValueError, OSError):  # unsupported (e.g. macOS) or above the hard limit: run without it
-            pass
-    return preexec
+# The memory limit is set by the child interpreter itself, before it runs the program: a `preexec_fn` runs Python
+# in the forked child of a multi-threaded parent (Ray, torch), which Python documents as unsafe, and a full-suite run
+# saw that child die of SIGSEGV before exec (the reward then read "exit status -11", not a timeout).
+_BOOT = ("import resource, runpy, sys\n"
+         "limit = int(sys.argv[2])\n"
+         "if limit:\n"
+         "    try:\n"
+         "        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+         "    except (ValueError, OSError):\n"  # unsupported (e.g. macOS) or above the hard limit: run without it
+         "        pass\n"
+         "sys.argv = sys.argv[1:2]\n"
+         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
 @register("code_tests")
@@ -130,13 +135,13 @@ def code_tests(prompt: str, response: str, record: dict, timeout: float = 5.0, m
     if not str(record.get("tests") or "").strip():  # running the answer with no asserts would reward any program
         raise ValueError("code_tests: the record has no `tests` to run")
     program = extract_code(response).rstrip() + "\n\n" + str(record["tests"]) + "\n"
-    preexec = _limit_memory(int(memory_mb) * 1024 * 1024) if resource is not None and memory_mb else None
+    limit = int(memory_mb) * 1024 * 1024 if resource is not None and memory_mb else 0
     with tempfile.TemporaryDirectory(prefix="raylm-code-") as tmp:
         path = os.path.join(tmp, "solution.py")
         with open(path, "w") as f:
             f.write(program)
-        proc = subprocess.Popen([sys.executable, "-I", path], cwd=tmp, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec,
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOT, path, str(limit)], cwd=tmp,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
