@@ -27,6 +27,7 @@ from typing import Literal
 import ray
 from pydantic import Field, field_validator, model_validator
 
+from raylm.compress.measure import SideBySideSpec
 from raylm.compress.prune import DECODER_LINEARS
 from raylm.config import ConfigError, OptimSpec, ResourcesSpec, Section, StageConfig, TrainSpec
 from raylm.runs import local_path
@@ -66,17 +67,8 @@ class Recovery(Section):
     resources: ResourcesSpec = ResourcesSpec(num_workers=1, strategy="ddp")
 
 
-class Measure(Section):
-    """`raylm.compress.measure.side_by_side` settings (the same for the input and the pruned model)."""
-
-    seq_len: int = 128
-    max_blocks: int = 64
-    max_tasks: int = 100
-    max_new_tokens: int = 8
-    latency_reps: int = 5
-    vllm: bool = True  # tokens/s and peak memory through a real vLLM engine (one engine start per model)
+class Measure(SideBySideSpec):
     vllm_max_tokens: int = 64
-    vllm_prompts: int = 16
 
 
 class Config(StageConfig):

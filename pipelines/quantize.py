@@ -24,6 +24,7 @@ from typing import Literal
 import ray
 from pydantic import model_validator
 
+from raylm.compress.measure import SideBySideSpec
 from raylm.config import ConfigError, Section, StageConfig
 from raylm.runs import local_path
 from raylm.stage import require_paths
@@ -48,20 +49,6 @@ class Sensitivity(Section):
     keep_top_k: bool = False  # keep the top_k most sensitive units in full precision
 
 
-class Measure(Section):
-    """What `compression` measures (raylm.compress.measure.side_by_side)."""
-
-    seq_len: int = 128
-    max_blocks: int = 64
-    max_tasks: int = 100
-    max_new_tokens: int = 8
-    latency_reps: int = 5
-    vllm: bool = True
-    vllm_max_tokens: int = 32
-    vllm_prompts: int = 16
-    engine_kwargs: dict = {}
-
-
 class Config(StageConfig):
     method: Literal["rtn", "gptq", "awq", "smoothquant_w8a8", "dynamic_int8"] = "rtn"
     bits: int = 8
@@ -72,7 +59,7 @@ class Config(StageConfig):
     gptq_damp: float = 0.01
     calibration: Calibration = Calibration()
     sensitivity: Sensitivity = Sensitivity()
-    measure: Measure = Measure()
+    measure: SideBySideSpec = SideBySideSpec()
     num_cpus: float = 1
 
     @model_validator(mode="after")

@@ -15,7 +15,23 @@ import subprocess
 import sys
 import time
 
+from raylm.config import Section
+
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")
+
+
+class SideBySideSpec(Section):
+    """A stage's `measure` section: the settings of `side_by_side` (the same for the input and every output)."""
+
+    seq_len: int = 128
+    max_blocks: int = 64
+    max_tasks: int = 100
+    max_new_tokens: int = 8
+    latency_reps: int = 5
+    vllm: bool = True  # tokens/s and peak memory through a real vLLM engine (one engine start per model)
+    vllm_max_tokens: int = 32
+    vllm_prompts: int = 16
+    engine_kwargs: dict = {}
 
 
 def load_for_eval(model_dir: str, dtype: str = "float32"):
