@@ -191,20 +191,33 @@ class RolloutClient:
 
         Samples must come from `expected_version` (or, for requests overlapping a push, up to `max_version`)."""
         max_version = expected_version if max_version is None else max_version
-        out: list[dict] = []
-        for chunk, resp in pending:
-            for attempt in range(self.max_retries + 1):
+        chunks, resps = [c for c, _ in pending], [r for _, r in pending]
+        results: list[dict | None] = [None] * len(pending)
+        todo = list(range(len(pending)))
+        for attempt in range(self.max_retries + 1):
+            failed = []
+            for i in todo:
                 try:
-                    res = resp.result(timeout_s=self.timeout_s)
-                    break
+                    results[i] = resps[i].result(timeout_s=self.timeout_s)
                 except Exception as exc:  # noqa: BLE001 - a dead actor, a dead engine inside a live actor, ...
-                    if attempt == self.max_retries:
-                        raise RuntimeError(f"rollout chunk failed after {attempt} retries: {exc}") from exc
-                    self.retries += 1
-                    log.warning("rollout chunk failed (%s); retrying on the live replicas", type(exc).__name__)
-                    # backoff up to ~2 minutes in all: long enough for Serve to replace a replica whose engine died
-                    time.sleep(min(2 ** attempt, 30))
-                    resp = self.handle.sample.remote(chunk, params, expected_version)
+                    failed.append((i, exc))
+            if not failed:
+                break
+            first = failed[0][1]
+            if attempt == self.max_retries:
+                raise RuntimeError(f"{len(failed)} rollout chunk(s) failed after {attempt} retries: {first}") from first
+            # re-send every failed chunk at once: one by one, each waited for its own answer (20 chunks lost with a
+            # replica took 60 s to recover instead of one batch's time)
+            self.retries += len(failed)
+            log.warning("%d rollout chunk(s) failed (%s); re-sending them to the live replicas", len(failed),
+                        type(first).__name__)
+            # backoff up to ~2 minutes in all: long enough for Serve to replace a replica whose engine died
+            time.sleep(min(2 ** attempt, 30))
+            for i, _ in failed:
+                resps[i] = self.handle.sample.remote(chunks[i], params, expected_version)
+            todo = [i for i, _ in failed]
+        out: list[dict] = []
+        for res in results:
             if not expected_version <= res["version"] <= max_version:
                 raise RuntimeError(f"sample from weight version {res['version']}, expected {expected_version}"
                                    + (f"..{max_version}" if max_version != expected_version else ""))

@@ -118,7 +118,7 @@ def rollout_app(lifecycle):
     store = create_weight_store("weights-test")
     serve.start(http_options={"location": "NoServer"})
     app = build_rollout_app(model, "policy", "weights-test", replicas=2,
-                            engine_kwargs={"max_model_len": 128, "gpu_memory_utilization": 0.1})
+                            engine_kwargs={"max_model_len": 256, "gpu_memory_utilization": 0.1})
     serve.run(app, name="rollout-test", route_prefix=None)
     from raylm.models import load_tokenizer
 
@@ -156,10 +156,10 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
 
     client, prompts = rollout_app["client"], rollout_app["prompts"]
     version = max(client.versions())
-    # 96 new tokens (the engine's max_model_len is 128): a replica's batch of chunks then runs for ~10 s, longer
-    # than the ongoing-request poll below can lag on two busy cores (a CI run killed a replica whose chunks had
-    # all finished in the ~6 s its poll answer took, and nothing needed a retry)
-    params = {"n": 8, "max_tokens": 96, "temperature": 1.0, "ignore_eos": True}
+    # 200 new tokens: each replica runs its chunks as one vLLM batch, which must outlast the ongoing-request poll
+    # below (its answer lagged ~6 s on two busy cores in CI). With 96 tokens (~10 s a batch) two CI runs killed a
+    # replica whose chunks had already finished, and nothing needed a retry.
+    params = {"n": 8, "max_tokens": 200, "temperature": 1.0, "ignore_eos": True}
     # 32 chunks of 2 prompts: the router spreads them over both replicas, so the killed one holds some (with 8
     # chunks one run put none on the replica that was then killed, and nothing needed a retry)
     client.chunk_size = 2
@@ -170,13 +170,16 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
     # kill a replica that holds requests: the router may put every chunk on one replica (a CI run did, and then
     # nothing needed a retry), so ask each replica actor how many requests it is running
     actors = [ray.get_actor(name, namespace="serve") for name in replicas]
-    deadline, victim = time.time() + 30, None
+    deadline, victim, t0 = time.time() + 60, None, time.time()
     while victim is None and time.time() < deadline:
+        asked = time.time()
         ongoing = ray.get([a.get_num_ongoing_requests.remote() for a in actors])
+        lag = time.time() - asked
         victim = max(zip(ongoing, range(len(actors))))  # the busiest replica
         victim = actors[victim[1]] if victim[0] > 0 else None
         time.sleep(0.1)
     assert victim is not None, "no replica received a rollout chunk"
+    facts = f"ongoing {ongoing} after {time.time() - t0:.1f} s (poll answered in {lag:.1f} s)"
     # Lost chunks are re-sent to the live replica by one of two layers: Ray Serve's router itself (2.60 retries a
     # request whose replica died, logging "... will not be considered for future requests because it has died"),
     # or, where the error reaches it, the rollout client (`client.retries`). A full-suite run saw the router do it
@@ -192,12 +195,16 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
     logging.getLogger("ray.serve").addHandler(handler)
     try:
         ray.kill(victim, no_restart=True)
-        retries = client.retries
+        killed, retries = time.time(), client.retries
         out = client.collect(pending, params, version)
     finally:
         logging.getLogger("ray.serve").removeHandler(handler)
-    assert len(out) == len(prompts) and all(len(g) == 8 for g in out)
-    assert client.retries > retries or seen, "the killed replica's chunks were never re-sent"
+    served = {}
+    for group in out:
+        served[group[0]["replica"]] = served.get(group[0]["replica"], 0) + 1
+    facts += f"; kill to collected {time.time() - killed:.1f} s; prompts per replica {served}"
+    assert len(out) == len(prompts) and all(len(g) == 8 for g in out), facts
+    assert client.retries > retries or seen, f"the killed replica's chunks were never re-sent: {facts}"
     deadline = time.time() + 300  # Serve starts a replacement, which catches up from the weight store
     while time.time() < deadline:
         try:
@@ -206,5 +213,6 @@ def test_replica_killed_mid_rollout_is_replaced_and_the_step_completes(rollout_a
         except Exception:  # noqa: BLE001 - replica set changing under the broadcast
             pass
         time.sleep(3)
-    assert client.versions() == [version, version]
+    assert client.versions() == [version, version], f"no caught-up replacement in 300 s: {client.versions()}"
+    print(facts, f"; retries {client.retries - retries}, router warnings {len(seen)}")
 

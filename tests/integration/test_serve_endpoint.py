@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,7 +30,21 @@ J = {"Content-Type": "application/json"}
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A free port below the kernel's ephemeral range. A port from bind(0) is ephemeral, and the Ray cluster and
+    vLLM engines that `raylm serve` starts before HAProxy binds it take ephemeral ports of their own (a CI run lost
+    42435 that way: "cannot bind socket (Address already in use)"). Skips Ray's worker ports (10002-19999) and
+    Serve's replica HTTP/gRPC ports (30000-31000, 40000-41000)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(20000, min(low, 30000)))
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # an unusual ephemeral range: take what the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
