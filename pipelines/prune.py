@@ -27,6 +27,7 @@ from typing import Literal
 import ray
 from pydantic import Field, field_validator, model_validator
 
+from raylm.compress.calibration import Calibration, calibration_blocks
 from raylm.compress.measure import SideBySideSpec
 from raylm.compress.prune import DECODER_LINEARS
 from raylm.config import ConfigError, OptimSpec, ResourcesSpec, Section, StageConfig, TrainSpec
@@ -46,14 +47,6 @@ class Structured(Section):
     heads_per_layer: int | None = Field(None, ge=0)  # query heads removed per layer (instead of heads_fraction)
     mlp_fraction: float = Field(0.0, ge=0, lt=1)  # of the intermediate channels
     score: Literal["magnitude", "wanda"] = "wanda"
-
-
-class Calibration(Section):
-    """Blocks of the dataset's own text for Wanda's activation norms (method=wanda, or structured.score=wanda)."""
-
-    samples: int = Field(32, ge=1)
-    seq_len: int = Field(128, ge=2)
-    split: str = "text_train"  # not text_val: quality is measured there
 
 
 class Recovery(Section):
@@ -132,28 +125,6 @@ def checkpoint_keys(model_uri: str) -> list[str]:
 
     return [k for f in sorted(glob.glob(os.path.join(d, "*.bin")))
             for k in torch.load(f, mmap=True, weights_only=True, map_location="meta")]
-
-
-def calibration_blocks(split_uri: str, tok, samples: int, seq_len: int):
-    """(samples, seq_len) token ids from the split's text, packed as pre-training packs it (documents joined by
-    EOS). Read in row batches until 4x the blocks asked are in hand, then `samples` spread evenly over them (curated
-    text is grouped by source: the first blocks alone would be one source). ConfigError when the split is short."""
-    import pyarrow.dataset as pads
-    import torch
-
-    want = 4 * samples
-    ids: list[int] = []
-    for batch in pads.dataset(local_path(split_uri), format="parquet").to_batches(columns=["text"], batch_size=256):
-        for enc in tok([t for t in batch.column("text").to_pylist() if t], add_special_tokens=False)["input_ids"]:
-            ids.extend(enc + [tok.eos_token_id])
-        if len(ids) >= want * seq_len:
-            break
-    n = len(ids) // seq_len
-    if n < samples:
-        raise ConfigError(f"calibration.samples={samples} blocks of calibration.seq_len={seq_len} tokens asked, but "
-                          f"{split_uri} holds only {n} such blocks")
-    blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-    return blocks[torch.linspace(0, n - 1, samples).round().long()]
 
 
 def check(inputs, cfg: Config) -> None:

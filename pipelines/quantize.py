@@ -6,7 +6,8 @@
   `quantize_dynamic` forward latency on CPU). Symmetric int weights, per output channel (`group_size: 0`) or in
   groups of `group_size` input columns. Algorithms: `raylm.compress.quant`; export: compressed_tensors
   (`raylm.compress.quant_export`). Why not llm-compressor: docs/compression.md.
-- Calibration rows come from the dataset run's own `calibration.split` (each row truncated to `calibration.seq_len`).
+- Calibration: `calibration.samples` blocks of `calibration.seq_len` tokens of the dataset run's own
+  `calibration.split`, packed and spread over the split (`raylm.compress.calibration`, shared with prune).
 - `ignore`: module-name patterns kept in full precision (lm_head by default). vLLM fuses q/k/v and gate/up, so a
   partly ignored fused group is ignored whole (recorded as `ignored_for_fusion`).
 - `sensitivity.enabled`: quantize one linear (or one decoder layer) at a time, measure the held-out perplexity
@@ -24,6 +25,7 @@ from typing import Literal
 import ray
 from pydantic import model_validator
 
+from raylm.compress.calibration import Calibration, calibration_blocks
 from raylm.compress.measure import SideBySideSpec
 from raylm.config import ConfigError, Section, StageConfig
 from raylm.runs import local_path
@@ -33,12 +35,6 @@ STAGE = "quantize"
 INPUTS = {"model": ("model",), "dataset": ("dataset",)}
 NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant_w8a8")
 W8A8_METHODS = ("smoothquant_w8a8", "dynamic_int8")
-
-
-class Calibration(Section):
-    split: str = "text_train"
-    samples: int = 32
-    seq_len: int = 128
 
 
 class Sensitivity(Section):
@@ -98,8 +94,6 @@ def _meta_model(model_uri: str):
 
 
 def check(inputs, cfg: Config) -> None:
-    import pyarrow.parquet as pq
-
     from raylm.compress import quant as Q
 
     data = inputs["dataset"].uri
@@ -125,26 +119,11 @@ def check(inputs, cfg: Config) -> None:
         for name, lin in targets.items():
             if lin.in_features % 8:  # eight int4 codes per int32 word
                 raise ConfigError(f"{STAGE}: bits=4 packs 8 columns per int32; {name}.in_features={lin.in_features}")
-    if cfg.method in NEEDS_CALIBRATION:
-        have = pq.read_table(f"{data}/{cfg.calibration.split}", columns=["text"]).num_rows
-        if have < cfg.calibration.samples:
-            raise ConfigError(f"{STAGE}: calibration.samples={cfg.calibration.samples} but {cfg.calibration.split} "
-                              f"of the dataset has only {have} rows")
+    if cfg.method in NEEDS_CALIBRATION:  # enough text, before any work
+        from raylm.models import load_tokenizer
 
-
-def calibration_batches(tok, data_uri: str, split: str, samples: int, seq_len: int, batch: int = 8):
-    """`samples` rows of the dataset's own text, each truncated to seq_len tokens, in right-sized batches (no
-    padding: rows shorter than seq_len are packed with the next ones so every token is real text)."""
-    import pyarrow.parquet as pq
-    import torch
-
-    texts = pq.read_table(f"{data_uri}/{split}", columns=["text"]).column("text").to_pylist()
-    ids: list[int] = []
-    for enc in tok(texts[:samples], add_special_tokens=False)["input_ids"]:
-        ids.extend(enc[:seq_len] + [tok.eos_token_id])
-    n = max(1, len(ids) // seq_len)
-    blocks = torch.tensor((ids + [tok.eos_token_id] * seq_len)[: n * seq_len]).view(n, seq_len)
-    return [blocks[i: i + batch] for i in range(0, n, batch)]
+        calibration_blocks(f"{data}/{cfg.calibration.split}", load_tokenizer(inputs["model"].uri),
+                           cfg.calibration.samples, cfg.calibration.seq_len)
 
 
 @ray.remote(num_cpus=1)
@@ -172,8 +151,10 @@ def quantize_task(model_uri: str, data_uri: str, out_dir: str, cfg: dict) -> dic
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore, fused = Q.expand_fused(ignore, names)
     info["ignored_for_fusion"] = fused
-    batches = (calibration_batches(tok, data_uri, c["split"], c["samples"], c["seq_len"])
-               if cfg["method"] in NEEDS_CALIBRATION else None)
+    batches = None
+    if cfg["method"] in NEEDS_CALIBRATION:
+        blocks = calibration_blocks(f"{data_uri}/{c['split']}", tok, c["samples"], c["seq_len"])
+        batches = [blocks[i: i + 8] for i in range(0, len(blocks), 8)]
     t1 = time.time()
     with torch.no_grad():
         if cfg["method"] == "smoothquant_w8a8":

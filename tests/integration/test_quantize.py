@@ -75,7 +75,8 @@ def test_bad_inputs_fail_before_any_run(lifecycle):
         run_quantize(lifecycle, "bits=3")
     with pytest.raises(ConfigError, match=r"group_size=48 does not divide .*in_features=128"):
         run_quantize(lifecycle, "method=rtn", "bits=4", "group_size=48")
-    with pytest.raises(ConfigError, match=r"calibration.samples=1000000 but text_train of the dataset has only \d+"):
+    with pytest.raises(ConfigError, match=r"calibration.samples=1000000 blocks of calibration.seq_len=\d+ tokens "
+                                          r"asked, but .*text_train holds only \d+"):
         run_quantize(lifecycle, "method=gptq", "bits=8", "calibration.samples=1000000", config=None)
     with pytest.raises(ConfigError, match="no nn.Linear in its decoder layers"):
         run_quantize(lifecycle, "ignore=[re:.*]")

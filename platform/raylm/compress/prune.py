@@ -20,6 +20,8 @@ from typing import Iterable
 
 import torch
 
+from raylm.compress.calibration import decoder_layers
+
 # The decoder's linear layers of Llama / Qwen2 / Mistral-style models (the default targets). Embeddings and the
 # LM head are left dense unless named: they are a lookup table and the output distribution, and pruning them costs
 # more quality per parameter (Wanda and SparseGPT prune the decoder layers only).
@@ -29,13 +31,6 @@ DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def n_to_prune(sparsity: float, n: int) -> int:
     """How many of `n` weights a sparsity removes (torch.nn.utils.prune's rule)."""
     return int(round(sparsity * n))
-
-
-def decoder_layers(model) -> torch.nn.ModuleList | None:
-    """The decoder layers of a HF causal LM (`model.model.layers`), or None."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) else None
 
 
 def target_modules(model, names: Iterable[str] = DECODER_LINEARS) -> dict[str, torch.nn.Module]:

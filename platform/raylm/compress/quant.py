@@ -18,6 +18,8 @@ import re
 import torch
 from torch import nn
 
+from raylm.compress.calibration import decoder_layers
+
 
 def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
@@ -131,7 +133,7 @@ def norm_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], str]
     """(norm, linears it feeds, name) pairs of Llama/Qwen2/Mistral decoder layers: scaling the norm's weight by 1/s
     and the linears' input columns by s leaves the function unchanged (SmoothQuant and AWQ rely on this)."""
     groups = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model) or []):
         at, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         ln1, ln2 = getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)
         if None in (at, mlp, ln1, ln2) or not all(hasattr(at, p) for p in ("q_proj", "k_proj", "v_proj")) \
@@ -141,12 +143,6 @@ def norm_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Linear], str]
         groups.append((ln1, [at.q_proj, at.k_proj, at.v_proj], f"layers.{i}.input_layernorm"))
         groups.append((ln2, [mlp.gate_proj, mlp.up_proj], f"layers.{i}.post_attention_layernorm"))
     return groups
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return list(layers) if layers is not None else []
 
 
 @torch.no_grad()
