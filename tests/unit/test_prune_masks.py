@@ -82,6 +82,18 @@ def test_magnitude_drops_the_smallest_and_lm_head_when_named():
     assert int((model.model.layers[0].mlp.up_proj.weight == 0).sum()) == 0
 
 
+def test_tied_embeddings_are_pruned_once_at_the_exact_sparsity():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert list(P.target_modules(model, ["lm_head", "embed_tokens"])) == ["model.embed_tokens"]
+    masks = P.prune_unstructured(model, "magnitude", 0.5, names=["lm_head", "embed_tokens"])
+    assert list(masks) == ["model.embed_tokens"]
+    assert int((model.lm_head.weight == 0).sum()) == 64 * 32 // 2  # one tensor, counted once
+
+
 def test_wanda_is_sequential_per_layer():
     """Layer 1's activations are measured after layer 0 is pruned: a different result from the one-pass variant."""
     a, b = tiny(), tiny()

@@ -35,15 +35,19 @@ def n_to_prune(sparsity: float, n: int) -> int:
 
 def target_modules(model, names: Iterable[str] = DECODER_LINEARS) -> dict[str, torch.nn.Module]:
     """{qualified name: module} of the modules to prune: Linear leaves named in `names` inside decoder layers, plus
-    `lm_head` / `embed_tokens` when named (their weight is pruned like a Linear's)."""
+    `lm_head` / `embed_tokens` when named (their weight is pruned like a Linear's). A weight shared by two modules
+    (tied embeddings: `lm_head.weight is embed_tokens.weight`) is listed once, under its first name, so it is scored,
+    counted and pruned once."""
     names = set(names)
-    out = {}
+    out, seen = {}, set()
     for qual, mod in model.named_modules():
         leaf = qual.rsplit(".", 1)[-1]
         if leaf not in names:
             continue
         if leaf in ("lm_head", "embed_tokens") or (isinstance(mod, torch.nn.Linear) and ".layers." in f".{qual}"):
-            out[qual] = mod
+            if id(mod.weight) not in seen:
+                seen.add(id(mod.weight))
+                out[qual] = mod
     return out
 
 
