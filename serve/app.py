@@ -8,9 +8,10 @@ machines, see FACTS.md).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ray.serve.llm import LLMConfig
+if TYPE_CHECKING:
+    from ray.serve.llm import LLMConfig
 
 CPU_ENGINE_DEFAULTS = {"dtype": "float32", "enforce_eager": True, "gpu_memory_utilization": 0.2}
 
@@ -27,6 +28,8 @@ def llm_config(model_path: str, model_id: str, accelerator: str = "cpu", min_rep
                max_replicas: int = 1, engine_kwargs: dict[str, Any] | None = None,
                deployment_config: dict[str, Any] | None = None) -> LLMConfig:
     """`deployment_config` adds Serve options (e.g. `ray_actor_options.resources` to place replicas)."""
+    from ray.serve.llm import LLMConfig  # 7.5 s of imports (vLLM's OpenAI protocol): not before a bad input is refused
+
     engine = {**(CPU_ENGINE_DEFAULTS if accelerator == "cpu" else {}), **(engine_kwargs or {})}
     return LLMConfig(
         model_loading_config={"model_id": model_id, "model_source": model_source(model_path)},
