@@ -276,6 +276,7 @@ def build_endpoint(cfg: EndpointConfig, models: dict[str, str], adapters: dict[s
     from ray.llm._internal.serve.core.server.builder import build_llm_deployment
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.llm._internal.serve.core.ingress.ingress import make_fastapi_ingress
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
     from ray.serve.config import RequestRouterConfig
     from ray.serve.experimental.round_robin_router import RoundRobinRouter
 
@@ -284,12 +285,16 @@ def build_endpoint(cfg: EndpointConfig, models: dict[str, str], adapters: dict[s
     if cfg.ab is None:
         (version, path), = models.items()
         c = _llm_config(cfg, path, cfg.model_id, bool(adapters))
+        # Behind Serve's proxy the replica router is ours to choose: round robin. Under HAProxy, HAProxy balances
+        # the ingress replicas itself and Ray Serve refuses a custom router there (it would be ignored); Serve
+        # reads the mode from this process's environment, as this check does.
+        router = {} if RAY_SERVE_ENABLE_HA_PROXY else {
+            "request_router_config": RequestRouterConfig(request_router_class=RoundRobinRouter)}
         return build_llm_deployment(
             c, deployment_cls=serve.ingress()(server),
             bind_kwargs={"guard": _guard_opts(cfg), "version": version, "app_name": cfg.app_name,
                          "adapters": adapters or None},
-            override_serve_options={"request_router_config": RequestRouterConfig(
-                request_router_class=RoundRobinRouter)})
+            override_serve_options=router)
     versions, handles, cards = [], {}, {}
     for v in cfg.ab.versions:
         model_id = f"{cfg.model_id}@{v.name}"
