@@ -2,11 +2,15 @@
 run (quantize's GPTQ/AWQ/SmoothQuant statistics, prune's Wanda activation norms)."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from raylm.config import ConfigError, Section
 from raylm.runs import local_path
+
+if TYPE_CHECKING:  # torch is imported where it is used: the stages import this module for their config alone
+    import torch
 
 
 class Calibration(Section):
@@ -19,6 +23,8 @@ class Calibration(Section):
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:
     """The decoder layers of a HF causal LM (`model.model.layers`: Llama, Qwen2, Mistral, ...), or None."""
+    import torch
+
     layers = getattr(getattr(model, "model", None), "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) else None
 
@@ -29,6 +35,7 @@ def calibration_blocks(split_uri: str, tok, samples: int, seq_len: int) -> torch
     spread evenly over them (curated text is grouped by source: the first blocks alone would be one source).
     ConfigError naming both numbers when the split is short."""
     import pyarrow.dataset as pads
+    import torch
 
     want = 4 * samples
     ids: list[int] = []
