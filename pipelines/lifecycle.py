@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from raylm import console
 from raylm.config import ConfigError, Section, deep_merge, load_config
 from raylm.runs import RunError, RunStore
 from raylm.stage import execute
@@ -98,10 +99,24 @@ def run(cfg: Config, base_dir: Path = Path(".")) -> dict[str, str]:
                   if source(srcs, done)}
         stage_cfg.inputs = {**wiring, **stage_cfg.inputs}
         t0 = time.time()
-        print(f"==> {stage} ...", flush=True)
+        console.say(f"==> {stage} ...")
         done[stage] = execute(recipe(stage), stage_cfg)
-        print(f"==> {stage}: run {done[stage]} succeeded in {time.time() - t0:.0f}s", flush=True)
+        console.say(f"==> {stage}: run {done[stage]} succeeded in {time.time() - t0:.0f}s"
+                    + (f"  {headline(stage, RunStore(cfg.root).load(done[stage]).metrics)}"
+                       if console.log_path() else ""))
     return done
+
+
+HEADLINE = {"curate": ("docs_in", "docs_kept"), "tokenizer": ("vocab_size",), "pretrain": ("loss", "val_loss"),
+            "sft": ("loss", "val_loss"), "dpo": ("loss", "reward_accuracy"), "reward": ("heldout_accuracy",),
+            "rl": ("heldout_reward_before", "heldout_reward_after"), "quantize": (), "serve": ("deploy_s",),
+            "evaluate": (), "report": ()}
+
+
+def headline(stage: str, metrics: dict) -> str:
+    """A stage's one-line summary from its manifest (the keys it has of HEADLINE's)."""
+    x = {k: metrics[k] for k in HEADLINE.get(stage, ()) if isinstance(metrics.get(k), (int, float))}
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in x.items())
 
 
 def summary(store: RunStore, done: dict[str, str]) -> str:
@@ -142,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     except (ConfigError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(summary(RunStore(cfg.root), done))
+    console.say(summary(RunStore(cfg.root), done))
     return done
 
 

@@ -3,14 +3,14 @@
 Also `--emit-config out.yaml`: the same application as a Ray Serve config file for `serve deploy` on a cluster
 (its `import_path` is `serve.main:app_builder`, so the cluster builds it with this same code).
 
-Ingress mode. Ray Serve's Python proxy costs a hop per streamed chunk; with HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`,
-set in the cluster's environment before it starts) HTTP goes from HAProxy straight to the vLLM replicas. HAProxy
-mode opens more ports: Ray documents the replicas' HTTP ports on all interfaces for multi-node clusters, and here
-(one node, host 127.0.0.1) the model ports stayed on loopback but HAProxy's stats (8404) and metrics (9101) pages
-listened on 0.0.0.0, and it takes port 8500 for Serve's fallback proxy. So `auto` picks HAProxy for a local cluster
-only when API keys are configured (the guard then covers every model port) or `allow_unauthenticated_network=true`;
-otherwise the single-machine default stays on Serve's proxy bound to loopback. On an existing cluster the mode is
-the cluster's own (cluster.yaml sets it).
+Ingress mode. Ray Serve's Python proxy costs a hop per streamed chunk (1.7-8.8x bare vLLM's time to first token
+here); with HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`, set in the cluster's environment before it starts) HTTP goes
+from HAProxy straight to the vLLM replicas, at parity with bare vLLM. So `auto` picks HAProxy for the local cluster
+`raylm serve` starts, and binds everything it opens to `host` (loopback by default): the frontend, the replicas'
+HTTP ports (Serve binds them to `http_options.host`), Serve's fallback proxy, and HAProxy's stats and metrics pages
+(Ray hard-codes those to all interfaces; `serve.haproxy_bind` rewrites its template). Only a non-loopback `host`
+without API keys falls back to Serve's proxy (the pages would be open to the network). On an existing cluster the
+mode is the cluster's own (cluster.yaml sets it).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 from serve.endpoint import EndpointConfig, build_endpoint, describe
 from serve.guard import client_key, load_api_keys
+from serve.haproxy_bind import HOOK as BIND_HOOK
 
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
@@ -78,16 +79,27 @@ def _check_adapter(name: str, path: str) -> None:
                           "model instead, or train the adapter with lora.modules_to_save=[]")
 
 
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def ingress_mode(cfg: EndpointConfig, local: bool) -> str:
     if not local:
         return "cluster"
     guarded = bool(load_api_keys(cfg.api_keys_env, cfg.api_keys_file)) or cfg.allow_unauthenticated_network
-    if cfg.ingress == "haproxy" and not guarded:
-        raise ConfigError("ingress: haproxy exposes every replica's port on all interfaces; configure API keys "
-                          f"(${cfg.api_keys_env} or api_keys_file) or set allow_unauthenticated_network=true")
+    exposed = not is_loopback(cfg.host)
+    if cfg.ingress == "haproxy" and exposed and not guarded:
+        raise ConfigError(f"ingress: haproxy on host {cfg.host} opens HAProxy's stats and metrics pages and every "
+                          f"replica's port to the network; configure API keys (${cfg.api_keys_env} or "
+                          "api_keys_file), serve on host=127.0.0.1, or set allow_unauthenticated_network=true")
     if cfg.ingress != "auto":
         return cfg.ingress
-    return "haproxy" if guarded else "proxy"
+    return "haproxy" if guarded or not exposed else "proxy"
+
+
+INGRESS_WORDS = {"haproxy": "HAProxy -> vLLM replicas (fast path)",
+                 "proxy": "Ray Serve proxy -> vLLM replicas (one more hop per chunk)",
+                 "cluster": "the cluster's own ingress"}
 
 
 def haproxy_reserved_ports() -> dict[int, str]:
@@ -180,16 +192,24 @@ def main(model: str | None, config: str | None, overrides: list[str], emit: str 
     local = not os.environ.get("RAY_ADDRESS")
     mode = ingress_mode(cfg, local)
     check_port(cfg, mode)
+    if local:
+        from raylm.reaper import start as start_reaper
+
+        # An engine dies with its replica (Ray's raylet reaps a dead worker's orphans), and everything dies with
+        # this process, even when a supervisor SIGKILLs it (the reaper).
+        os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "true")
+        start_reaper()
     if mode == "haproxy":
         os.environ.update(HAPROXY_ENV)  # inherited by the local cluster's processes started below
-    init_ray()
+    init_ray(setup_hook=BIND_HOOK if mode == "haproxy" else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         ready_s = deploy(cfg, models, adapters)
         url = f"http://{_client_host(cfg.host)}:{cfg.port}/v1"
-        print(f"serving {cfg.model_id} at {url}", flush=True)
+        print(f"serving {cfg.model_id} at {url} (ingress: {INGRESS_WORDS[mode]}; "
+              f"auth: {'api keys' if client_key(cfg.api_keys_env, cfg.api_keys_file) else 'none'})", flush=True)
         # Prometheus targets: each node's metrics agent (also in /tmp/ray/prom_metrics_service_discovery.json)
         targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n.get("Alive")]
         print(json.dumps({"ready_s": round(ready_s, 1), "ingress": mode, "versions": list(models),

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import sys
 
+from raylm import console
 from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 
@@ -25,7 +27,9 @@ def cmd_run(args) -> None:
     overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
     cfg = load_config(recipe.Config, args.config, overrides)
     run_id = execute(recipe, cfg)
-    print(f"{args.stage} run {run_id} succeeded; manifest: {RunStore(cfg.root).uri(run_id, 'manifest.json')}")
+    store = RunStore(cfg.root)
+    console.say(f"{args.stage} run {run_id} succeeded; manifest: {store.uri(run_id, 'manifest.json')}; "
+                f"log: {store.uri(run_id, 'logs', 'driver.log')}")
 
 
 def cmd_lifecycle(args) -> None:
@@ -125,15 +129,18 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--root", default=argparse.SUPPRESS, help=root_help)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    def add(name: str, **kw):
-        return sub.add_parser(name, parents=[common], **kw)
+    def add(name: str, parents=(common,), **kw):
+        return sub.add_parser(name, parents=list(parents), **kw)
 
-    p = add("run", help="run one stage")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", "-v", action="store_true",
+                         help="show everything on the terminal too (it always goes to <run>/logs/driver.log)")
+    p = add("run", help="run one stage", parents=[common, verbose])
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--config", help="stage YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(fn=cmd_run)
-    p = add("lifecycle", help="run the chained lifecycle")
+    p = add("lifecycle", help="run the chained lifecycle", parents=[common, verbose])
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(fn=cmd_lifecycle)
@@ -174,22 +181,49 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _root_as_flag(argv: list[str]) -> list[str]:
+    """One convention everywhere: `root=DIR` is `--root DIR`, wherever it stands. Commands that take key=value
+    overrides keep it as one of them (it is a key of every stage, serve and sweep config)."""
+    words = [a for i, a in enumerate(argv) if not a.startswith("-") and (i == 0 or argv[i - 1] != "--root")]
+    cmd = words[0] if words else None
+    if cmd in ("run", "lifecycle", "serve", "sweep", "loadtest"):
+        return argv
+    out = []
+    for a in argv:
+        out += ["--root", a.split("=", 1)[1]] if a.startswith("root=") else [a]
+    roots = {out[i + 1] for i, a in enumerate(out[:-1]) if a == "--root"}
+    if len(roots) > 1:
+        print(f"raylm: error: give the run store once (--root DIR or root=DIR), got {sorted(roots)}", file=sys.stderr)
+        raise SystemExit(2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser()
     # `raylm run sft --config X k=v`: argparse ends a subcommand's `nargs="*"` positional at the first option,
     # so overrides after `--config` come back unparsed; they are overrides all the same.
-    args, extra = ap.parse_known_args(argv)
+    args, extra = ap.parse_known_args(_root_as_flag(list(sys.argv[1:] if argv is None else argv)))
     bad = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    quiet = console.session(args.verbose) if hasattr(args, "verbose") else contextlib.nullcontext()
     try:
-        args.fn(args)
+        with quiet:
+            args.fn(args)
     except (ConfigError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _name_the_log()
         raise SystemExit(2) from None
+    except BaseException:
+        _name_the_log()
+        raise
 
+
+def _name_the_log() -> None:
+    if console.failed_log():
+        print(f"raylm: the full log is {console.failed_log()}", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,17 @@ def local_num_cpus() -> int:
     return int(os.environ.get("RAYLM_NUM_CPUS", max(8, os.cpu_count() or 1)))
 
 
-def init_ray(address: str | None = None) -> None:
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: str | None = None, setup_hook: str | None = None) -> None:
+    """Connect to `address` (or $RAY_ADDRESS), else start a local cluster. `setup_hook`: a `module.function` every
+    worker of the job runs at start (`raylm serve` binds HAProxy's pages with one)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -50,8 +60,16 @@ def init_ray(address: str | None = None) -> None:
         # CPU from the training workers (benchmarks/train_throughput.py). A value the user set wins.
         for name in LOCAL_TRAIN_ENV:
             os.environ.setdefault(name, LOCAL_TRAIN_ENV[name])
-        ray.init(num_cpus=local_num_cpus(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": WORKER_ENV})
+        # With the dashboard: Ray Train's PlacementGroupCleaner (an actor every fit starts) asks the State API
+        # whether the controller lives, once a second. Without a dashboard that API is missing and it logged
+        # "Failed to query Ray Train Controller actor state" at every check (124 times in one demo); with two
+        # local clusters on a machine (tests beside a demo) its address lookup failed with "Found multiple active
+        # Ray instances". So the local cluster has its dashboard on loopback, and workers are told its address.
+        port = _free_loopback_port()
+        env = {"env_vars": {**WORKER_ENV, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"},
+               **({"worker_process_setup_hook": setup_hook} if setup_hook else {})}
+        ray.init(num_cpus=local_num_cpus(), include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True, runtime_env=env)
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = False  # see WORKER_ENV
     ctx.enable_progress_bars = False

@@ -37,6 +37,10 @@ class Section(BaseModel):
             return data
         out = dict(data)
         for name, field in cls.model_fields.items():
+            # `key=null` on a field whose default is an empty list or mapping means "none"
+            # (`lora.modules_to_save=null`), not a type error.
+            if name in out and out[name] is None and isinstance(field.default, (list, dict)) and not field.default:
+                out[name] = type(field.default)()
             if isinstance(out.get(name), dict) and isinstance(field.default, BaseModel):
                 out[name] = deep_merge(field.default.model_dump(), out[name])
         return out

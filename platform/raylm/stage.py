@@ -14,6 +14,7 @@ from types import ModuleType
 
 import fsspec
 
+from raylm import console
 from raylm.cluster import init_ray
 from raylm.config import ConfigError, StageConfig, load_config
 from raylm.runs import RunError, RunStore
@@ -59,7 +60,7 @@ def execute(recipe: ModuleType, cfg: StageConfig, run_id: str | None = None, swe
     resolved["inputs"] = {role: f"{ref.run_id}:{ref.artifact}" for role, ref in inputs.items()}
     init_ray(cfg.ray_address)
     with store.start_run(recipe.STAGE, resolved, list(inputs.values()), name=cfg.name, run_id=run_id,
-                         sweep=sweep) as run:
+                         sweep=sweep) as run, console.run_log(run), console.stage(recipe.STAGE):
         recipe.body(run, inputs, cfg)
     return run.id
 

@@ -125,7 +125,21 @@ class Server:
         self.stop()
         raise TimeoutError(f"raylm serve not ready:\n{log.read_text()[-4000:]}")
 
+    def tree(self) -> dict:
+        """pid -> (name, create time) of every process this server started (Ray, HAProxy, vLLM engines)."""
+        import psutil
+
+        out = {}
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                out[p.pid] = (p.name(), p.create_time())
+            except psutil.Error:
+                pass
+        return out
+
     def stop(self) -> int:
+        if self.proc.poll() is not None:  # killed by a test
+            return self.proc.returncode
         self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(timeout=180)
@@ -363,7 +377,7 @@ def ab_endpoint(tmp_path_factory, endpoint):
                             {"name": "canary", "model": m2, "weight": 0.25}], "sticky_header": "x-user-id"}}))
     server = Server(["--config", str(cfg), f"root={root}"], root / "serve.log")
     yield server
-    assert server.stop() == 0
+    assert server.stop() in (0, -signal.SIGKILL)  # SIGINT shut it down cleanly, or the last test killed it
 
 
 def test_ab_split_sticky_users_and_per_version_metrics(ab_endpoint):
@@ -389,3 +403,65 @@ def test_ab_split_sticky_users_and_per_version_metrics(ab_endpoint):
     stats = http("GET", f"{base}/raylm/stats")[2]
     assert stats["versions"]["stable"]["requests"] + stats["versions"]["canary"]["requests"] >= n + 15
     assert stats["versions"]["canary"]["requests"] >= seen["canary"]
+
+
+def _speaks_http(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=3) as s:
+            s.sendall(b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n")
+            s.settimeout(5)
+            return s.recv(16).startswith(b"HTTP/")
+    except OSError:
+        return False
+
+
+def test_every_port_it_opens_is_on_the_host_given(endpoint):
+    """HAProxy's frontend, stats and metrics pages and the replicas' HTTP ports of `raylm serve` on host 127.0.0.1
+    stay on loopback: HAProxy listens nowhere else, and no replica port answers HTTP on the machine's own network
+    address. (Ray's own gRPC and metrics ports are Ray's: they listen on every interface on any Ray node.)"""
+    import ipaddress
+
+    import psutil
+
+    assert "ingress: HAProxy -> vLLM replicas" in endpoint.log.read_text(errors="replace")  # the status line
+    tree = endpoint.tree()
+    listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in tree]
+    haproxy = [addr for pid, addr in listening if tree[pid][0] == "haproxy"]
+    assert endpoint.port in {a.port for a in haproxy} and len({a.port for a in haproxy}) >= 3, haproxy
+    assert all(ipaddress.ip_address(a.ip).is_loopback for a in haproxy), haproxy  # frontend, stats, metrics
+    replicas = {pid for pid in tree if psutil.Process(pid).cmdline()[:1] and
+                psutil.Process(pid).cmdline()[0].startswith("ray::ServeReplica")}
+    assert replicas, "no Serve replica process found"
+    own_ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+               if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback]
+    exposed = [(ip, addr.port) for pid, addr in listening if pid in replicas and not ipaddress.ip_address(
+        addr.ip).is_loopback for ip in own_ips if _speaks_http(ip, addr.port)]
+    assert not exposed, f"replica HTTP ports reachable beyond loopback: {exposed}"
+    assert any(_speaks_http("127.0.0.1", addr.port) for pid, addr in listening if pid in replicas)  # found them
+
+
+def test_sigkill_leaves_no_process_behind(ab_endpoint):
+    """A supervisor's SIGKILL after its grace period: the Ray cluster, HAProxy and the vLLM engines it started
+    are gone within a bounded time (they used to be orphaned, ~5.7 GB each). Runs last: it kills the server."""
+    import psutil
+
+    tree = ab_endpoint.tree()
+    assert any("EngineCore" in name for name, _ in tree.values()), tree  # engines are there to be orphaned
+    ab_endpoint.proc.send_signal(signal.SIGKILL)
+    ab_endpoint.proc.wait(timeout=30)
+
+    def alive():
+        left = []
+        for pid, (name, created) in tree.items():
+            try:
+                if psutil.Process(pid).create_time() == created:
+                    left.append(f"{pid} {name}")
+            except psutil.Error:
+                pass
+        return left
+
+    deadline = time.time() + 60
+    while alive() and time.time() < deadline:
+        time.sleep(1)
+    assert not alive(), f"left running 60 s after SIGKILL: {alive()}"

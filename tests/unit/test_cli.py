@@ -27,6 +27,24 @@ def test_runs_on_empty_store(tmp_path):
     assert proc.returncode == 0 and "no runs" in proc.stdout
 
 
+def test_root_is_one_convention_for_every_command(tmp_path):
+    """`--root DIR` or `root=DIR`, before or after the command's own arguments, for every command."""
+    from raylm.runs import RunStore
+
+    store = RunStore(str(tmp_path))
+    with store.start_run("pretrain", {}) as run:
+        run.log_history([{"step": s, "loss": 5.0 / s} for s in range(1, 40)])
+    cli = [sys.executable, "-m", "raylm.cli"]
+    for args in (["runs", f"root={tmp_path}"], [f"root={tmp_path}", "runs"], ["runs", "--root", str(tmp_path)],
+                 ["show", f"root={tmp_path}", "latest/pretrain"], ["show", run.id, f"root={tmp_path}"],
+                 ["diagnose", run.id, f"root={tmp_path}"], ["diagnose", "--root", str(tmp_path), run.id]):
+        proc = subprocess.run(cli + args, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and (run.id in proc.stdout or "pretrain run" in proc.stdout), (args, proc.stderr)
+    proc = subprocess.run(cli + ["runs", f"root={tmp_path}", "--root", "/elsewhere"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "once" in proc.stderr
+
+
 def test_root_after_the_subcommand_and_latest_stage_in_show(tmp_path):
     from raylm.runs import RunStore
 

@@ -39,6 +39,14 @@ def test_unknown_key_is_named_with_choices_and_hint():
         load_config(recipe("pretrain").Config, None, ["train.max_step=3"])
 
 
+def test_null_means_none_for_list_and_mapping_keys():
+    cfg = load_config(recipe("sft").Config, None, ["lora.modules_to_save=null", "inputs=null"])
+    assert cfg.lora.modules_to_save == [] and cfg.inputs == {}
+    assert load_config(recipe("sft").Config, None, ["lora.feedforward_modules=null"]).lora.feedforward_modules is None
+    with pytest.raises(ConfigError, match="'train.max_steps'"):  # null is still no number
+        load_config(recipe("sft").Config, None, ["train.max_steps=null"])
+
+
 def test_mistyped_value_names_the_key():
     with pytest.raises(ConfigError, match="'train.max_steps'"):
         load_config(recipe("pretrain").Config, None, ["train.max_steps=many"])

@@ -137,16 +137,42 @@ def test_config_errors_name_the_key():
                                      "lora": {"adapters": {"s": "sft-1"}}})
 
 
-def test_ingress_choice_never_exposes_an_unauthenticated_port(monkeypatch):
+def test_fast_path_is_the_default_and_never_exposes_an_unauthenticated_port(monkeypatch):
     monkeypatch.delenv("RAYLM_API_KEYS", raising=False)
-    cfg = EndpointConfig()
-    assert ingress_mode(cfg, local=True) == "proxy"
-    assert ingress_mode(cfg, local=False) == "cluster"
-    with pytest.raises(ConfigError, match="API keys"):
-        ingress_mode(EndpointConfig(ingress="haproxy"), local=True)
-    assert ingress_mode(EndpointConfig(ingress="haproxy", allow_unauthenticated_network=True), local=True) == "haproxy"
-    monkeypatch.setenv("RAYLM_API_KEYS", "k")
+    cfg = EndpointConfig()  # loopback, no keys: HAProxy with every listener on loopback
     assert ingress_mode(cfg, local=True) == "haproxy"
+    assert ingress_mode(cfg, local=False) == "cluster"
+    exposed = EndpointConfig(host="0.0.0.0")
+    assert ingress_mode(exposed, local=True) == "proxy"  # no keys on the network: no stats pages open
+    with pytest.raises(ConfigError, match="API keys"):
+        ingress_mode(EndpointConfig(host="0.0.0.0", ingress="haproxy"), local=True)
+    assert ingress_mode(EndpointConfig(host="0.0.0.0", ingress="haproxy", allow_unauthenticated_network=True),
+                        local=True) == "haproxy"
+    assert ingress_mode(EndpointConfig(ingress="proxy"), local=True) == "proxy"
+    monkeypatch.setenv("RAYLM_API_KEYS", "k")
+    assert ingress_mode(exposed, local=True) == "haproxy"
+
+
+def test_haproxy_template_binds_its_pages_to_the_frontend_host():
+    from ray.serve._private import haproxy, haproxy_templates
+
+    from serve.haproxy_bind import bind_pages_to_frontend_host, bound_template
+
+    t = bound_template(haproxy_templates.HAPROXY_CONFIG_TEMPLATE)  # the installed Ray's template still matches
+    assert "bind *:" not in t and "bind :" not in t
+    assert t.count("bind {{ config.frontend_host }}:") == 3  # frontend, stats, metrics
+    with pytest.raises(RuntimeError, match="template changed"):
+        bound_template("listen stats\n  bind *:8404\n")
+    original = haproxy.HAPROXY_CONFIG_TEMPLATE
+    try:
+        bind_pages_to_frontend_host()
+        bind_pages_to_frontend_host()  # idempotent: a worker may run it twice
+        assert haproxy.HAPROXY_CONFIG_TEMPLATE == t
+    finally:
+        haproxy.HAPROXY_CONFIG_TEMPLATE = original
+
+
+def test_port_reserved_by_haproxy_mode_is_refused():
     with pytest.raises(ConfigError, match="RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):  # HAProxy mode's own port
         check_port(EndpointConfig(port=8500), "haproxy")
     check_port(EndpointConfig(port=8500), "proxy")

@@ -13,6 +13,8 @@ import time
 import pandas as pd
 import ray
 
+from raylm import console
+
 KEEP = ""
 
 
@@ -111,7 +113,8 @@ class Progress:
     """Prints the live per-operator row counts every `every` seconds while the pipeline runs."""
 
     def __init__(self, stats, every: float = 15.0, prefix: str = "curate"):
-        self.stats, self.every, self.prefix = stats, every, prefix
+        self.stats, self.prefix = stats, prefix
+        self.every = 2.0 if console.log_path() else every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.time()
@@ -131,4 +134,8 @@ class Progress:
             except Exception:  # noqa: BLE001 - progress is best effort
                 continue
             parts = [f"{op} {s['rows']:,}" for op, s in ops.items()]
-            print(f"[{self.prefix} {time.time() - self._t0:5.0f}s] rows seen: " + " | ".join(parts), flush=True)
+            text = "rows seen: " + " | ".join(parts)
+            if console.log_path():  # a console session draws it on the stage's progress line
+                console.publish({"text": text})
+            else:
+                print(f"[{self.prefix} {time.time() - self._t0:5.0f}s] {text}", flush=True)

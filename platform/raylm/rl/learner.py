@@ -19,6 +19,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from raylm import console
 from raylm.losses import token_logps
 from raylm.models import load_tokenizer, param_count
 from raylm.rl import algos as A
@@ -259,6 +260,8 @@ def rl_loop_per_worker(job: dict) -> None:
             if (step + 1) % job["eval_every"] == 0 and step + 1 < job["max_steps"]:
                 row["heldout_reward"] = heldout(client, version)["heldout_reward_sampled"]
             print(json.dumps(row), flush=True)
+            console.publish({"step": row["step"], "total": job["max_steps"], "reward": row.get("reward_mean"),
+                             "loss": row.get("loss")})
         history.append(row)
         if job.get("report_rows") and step + 1 < job["max_steps"]:  # a sweep trial: each step reaches Tune
             ray.train.report(row if rank == 0 else {})

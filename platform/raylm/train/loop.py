@@ -30,6 +30,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from raylm import console
 from raylm.models import flops_per_token, load_tokenizer, param_count
 from raylm.train import backends
 from raylm.train.schedules import lr_at
@@ -340,6 +341,8 @@ def train_loop_per_worker(job: dict) -> None:
         window, last_logged, t_last = {}, step, time.time()
         if rank == 0:
             print(json.dumps(row), flush=True)
+            console.publish({"step": row["step"], "total": stop_at, "loss": row.get("loss"),
+                             "val_loss": row.get("val_loss"), "tokens_per_s": row.get("tokens_per_s")})
         if stop_reason:
             step += 1
             break

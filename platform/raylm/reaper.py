@@ -1,0 +1,93 @@
+"""Processes die with their owner: a watchdog that ends what a hard-killed `raylm` command leaves running.
+
+A clean exit shuts the local Ray cluster down. A SIGKILL (a supervisor's last word after its grace period) does
+not: Ray's own processes follow the driver, but each vLLM replica's `EngineCore` and its workers are children of
+a replica worker, get orphaned when it dies, and keep ~5.7 GB each until killed by hand. Neither vLLM nor Ray
+ties them to the driver, and a process cannot be killed by a process that is already dead, so a small separate
+process (its own session, so a signal to the command's group does not reach it) remembers the owner's process
+tree and ends whatever of it outlives the owner: SIGTERM, then SIGKILL after a grace period.
+
+(Within a live cluster, an engine dies with its replica through Ray's raylet subreaper; see `raylm.cluster`.)
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+POLL_S = 0.5
+GRACE_S = 5.0
+
+
+def _tree(owner) -> dict[int, float]:
+    """pid -> create time of every live descendant (the create time tells a reused pid from the same process)."""
+    import psutil
+
+    out = {}
+    for p in owner.children(recursive=True):
+        try:
+            out[p.pid] = p.create_time()
+        except psutil.Error:
+            pass
+    return out
+
+
+def _still(tree: dict[int, float]) -> list:
+    import psutil
+
+    alive = []
+    for pid, created in tree.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created:
+                alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def watch(owner_pid: int) -> None:
+    import psutil
+
+    try:
+        owner = psutil.Process(owner_pid)
+    except psutil.NoSuchProcess:
+        return
+    tree: dict[int, float] = {}
+    while True:
+        try:
+            if owner.status() == psutil.STATUS_ZOMBIE:
+                break
+            tree = _tree(owner) or tree
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(POLL_S)
+    left = _still(tree)
+    for p in list(left):  # their own children too (a replica's engine started after the last look)
+        try:
+            left += [c for c in p.children(recursive=True) if c not in left]
+        except psutil.Error:
+            pass
+    for p in left:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(left, timeout=GRACE_S)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def start() -> subprocess.Popen:
+    """Watch this process from a separate one; call it before starting any child worth reaping."""
+    return subprocess.Popen([sys.executable, "-m", "raylm.reaper", str(os.getpid())], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            close_fds=True)
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]))
