@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/raylm lifecycle pipelines/configs/lifecycle/tiny.yaml root=$(RUNS)
+	$(BIN)/raylm lifecycle pipelines/configs/lifecycle/tiny.yaml --root $(RUNS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -v --durations=20

@@ -192,13 +192,6 @@ def main(model: str | None, config: str | None, overrides: list[str], emit: str 
     local = not os.environ.get("RAY_ADDRESS")
     mode = ingress_mode(cfg, local)
     check_port(cfg, mode)
-    if local:
-        from raylm.reaper import start as start_reaper
-
-        # An engine dies with its replica (Ray's raylet reaps a dead worker's orphans), and everything dies with
-        # this process, even when a supervisor SIGKILLs it (the reaper).
-        os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "true")
-        start_reaper()
     if mode == "haproxy":
         os.environ.update(HAPROXY_ENV)  # inherited by the local cluster's processes started below
     init_ray(setup_hook=BIND_HOOK if mode == "haproxy" else None)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import ray
 
+from raylm import reaper
+
 PACKAGE_DIR = Path(__file__).resolve().parent  # platform/raylm
 REPO_DIR = PACKAGE_DIR.parents[1]
 # RAY_DATA_USE_DATASOURCE_V2=0: Ray 2.60's new Parquet path (ListFiles -> ReadFiles) cost 4-6 s per
@@ -14,7 +16,10 @@ REPO_DIR = PACKAGE_DIR.parents[1]
 # Parquet, curate a dozen times. Set for the driver and for workers (Tune trials build their own DataContext).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
               "RAY_DATA_USE_DATASOURCE_V2": "0"}
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
+                   # a vLLM engine (a child of its Serve replica) dies with the replica: the raylet reaps a dead
+                   # worker's orphans (without it a killed replica's EngineCore kept ~5.7 GB)
+                   "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true"}
 
 
 def code_runtime_env() -> dict:
@@ -58,8 +63,10 @@ def init_ray(address: str | None = None, setup_hook: str | None = None) -> None:
         # A local one-node cluster has no node to drain and no Prometheus to scrape: Ray Train's preemption
         # watcher (an actor polling drain state) and its metrics callbacks (controller and every worker) only take
         # CPU from the training workers (benchmarks/train_throughput.py). A value the user set wins.
-        for name in LOCAL_TRAIN_ENV:
-            os.environ.setdefault(name, LOCAL_TRAIN_ENV[name])
+        for name in LOCAL_ENV:
+            os.environ.setdefault(name, LOCAL_ENV[name])
+        # everything the local cluster starts dies with this process, even when a supervisor SIGKILLs it
+        reaper.start()
         # With the dashboard: Ray Train's PlacementGroupCleaner (an actor every fit starts) asks the State API
         # whether the controller lives, once a second. Without a dashboard that API is missing and it logged
         # "Failed to query Ray Train Controller actor state" at every check (124 times in one demo); with two

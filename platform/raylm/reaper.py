@@ -26,6 +26,8 @@ def _tree(owner) -> dict[int, float]:
 
     out = {}
     for p in owner.children(recursive=True):
+        if p.pid == os.getpid():  # the reaper is one of the owner's children too
+            continue
         try:
             out[p.pid] = p.create_time()
         except psutil.Error:
@@ -66,7 +68,7 @@ def watch(owner_pid: int) -> None:
     left = _still(tree)
     for p in list(left):  # their own children too (a replica's engine started after the last look)
         try:
-            left += [c for c in p.children(recursive=True) if c not in left]
+            left += [c for c in p.children(recursive=True) if c not in left and c.pid != os.getpid()]
         except psutil.Error:
             pass
     for p in left:

@@ -69,10 +69,14 @@ def cli_main(recipe: ModuleType, argv: list[str] | None = None) -> str:
     """`python -m pipelines.STAGE --config X.yaml [k=v ...]`."""
     ap = argparse.ArgumentParser(prog=f"python -m pipelines.{recipe.STAGE}", description=recipe.__doc__)
     ap.add_argument("--config", help="YAML config")
+    ap.add_argument("--root", help="run store (the same as the override root=DIR)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4 inputs.model=RUN_ID")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    if any(a.startswith("-") or "=" not in a for a in extra):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        cfg = load_config(recipe.Config, args.config, args.overrides)
+        overrides = [*args.overrides, *extra] + ([f"root={args.root}"] if args.root else [])
+        cfg = load_config(recipe.Config, args.config, overrides)
         run_id = execute(recipe, cfg)
     except (ConfigError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)

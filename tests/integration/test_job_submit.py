@@ -38,7 +38,7 @@ def test_stage_submitted_as_a_ray_job_writes_its_manifest(head_node, tmp_path):
     proc = subprocess.run(
         [RAY, "job", "submit", "--address", head_node, "--working-dir", ".",
          "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "pipelines.curate", "--config", "pipelines/configs/curate/tiny.yaml", f"root={root}",
+         "raylm", "run", "curate", "--config", "pipelines/configs/curate/tiny.yaml", "--root", str(root),
          "sources=[pydoc_topics]", "tasks.enabled=false"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
@@ -48,6 +48,9 @@ def test_stage_submitted_as_a_ray_job_writes_its_manifest(head_node, tmp_path):
     assert m["stage"] == "curate" and m["status"] == "succeeded"
     assert m["metrics"]["docs_kept"] > 100 and set(m["metrics"]["per_source"]) == {"pydoc_topics"}
     assert f"curate run {m['run_id']} succeeded" in out  # the job's own output came back through the CLI
+    # a quiet console: the summary, not Ray Data's INFO lines, which are in the run's own log
+    assert "streaming_executor" not in out and "Dataset dataset_" not in out, out[-3000:]
+    assert "execution finished" in (run_dir / "logs" / "driver.log").read_text()
 
 
 def test_rl_stage_submitted_as_a_ray_job_trains_on_serve_replicas(head_node, tmp_path):

@@ -430,8 +430,13 @@ def test_every_port_it_opens_is_on_the_host_given(endpoint):
     haproxy = [addr for pid, addr in listening if tree[pid][0] == "haproxy"]
     assert endpoint.port in {a.port for a in haproxy} and len({a.port for a in haproxy}) >= 3, haproxy
     assert all(ipaddress.ip_address(a.ip).is_loopback for a in haproxy), haproxy  # frontend, stats, metrics
-    replicas = {pid for pid in tree if psutil.Process(pid).cmdline()[:1] and
-                psutil.Process(pid).cmdline()[0].startswith("ray::ServeReplica")}
+    def title(pid):
+        try:
+            return (psutil.Process(pid).cmdline() or [""])[0]
+        except psutil.Error:  # ended since the listing (a Ray task worker)
+            return ""
+
+    replicas = {pid for pid in tree if title(pid).startswith("ray::ServeReplica")}
     assert replicas, "no Serve replica process found"
     own_ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
                if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback]
