@@ -9,6 +9,11 @@ Every step is a Ray Data transform that streams; nothing holds the corpus in one
 4. mix + write       per-source down/up-sampling to target ratios; train/val split; optional chunk + pack with
                      document boundaries; dropped and quarantined rows written with their reason.
 Counts add up per operator and for the stage: in = kept + dropped + quarantined (checked, recorded as a funnel).
+
+A small input is an ordinary run: an empty file, one of only malformed lines, one document or ten copies of one
+succeed with their counts (0 in, 0 kept is a valid funnel). Every split is written, an empty one as a Parquet file
+with its columns and no rows, so a later stage reads zero rows instead of a missing path and can say what it
+needs; the manifest's `warnings` list what the corpus was too small for (an empty val split, a task family).
 """
 from __future__ import annotations
 
@@ -23,16 +28,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from raylm import corpus, tasks
+from raylm import console, corpus, tasks
 from raylm.config import ConfigError, Section, StageConfig
-from raylm.data import dedup
+from raylm.data import dedup, frames
 from raylm.data.filters import KEEP, ApplyFilters, build_filters, count_pretokens, split_of
 from raylm.data.funnel import FunnelStats, Progress, Timed, funnel, summarize
 from raylm.data.mix import HIST_EDGES, MixSpec, TokenSpec, apply_mix, count_tokens, mix_rates, pack_splits
 from raylm.data.pii import PiiSpec, RedactPii
 from raylm.data.quality import (C4Quality, C4Spec, GopherQuality, GopherSpec, LanguageFilter, LanguageSpec,
                                 RepetitionFilter, RepetitionSpec)
-from raylm.data.read import InputSpec, Normalize, NormalizeSpec, read_input
+from raylm.data.read import InputSpec, Normalize, NormalizeSpec, read_input, rows_frame
 
 STAGE = "curate"
 INPUTS: dict = {}
@@ -137,8 +142,8 @@ class Keys:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch = count_pretokens(batch)
-        batch["hash"] = dedup.text_hash(batch["text"])
-        batch["node"] = dedup.node_of(batch["id"], batch["uid"], batch["hash"])
+        batch["hash"] = frames.strings(dedup.text_hash(batch["text"]), batch.index)
+        batch["node"] = frames.strings(dedup.node_of(batch["id"], batch["uid"], batch["hash"]), batch.index)
         alive = (batch["drop_reason"] == KEEP).to_numpy()
         paras: list[list[int]] = [[] for _ in range(len(batch))]
         if self.exact.enabled and self.exact.paragraphs and alive.any():
@@ -146,13 +151,13 @@ class Keys:
             for i, h in zip(idx, dedup.batch_paragraph_hashes(batch["text"].to_numpy()[idx],
                                                                self.exact.min_paragraph_chars)):
                 paras[i] = h
-        batch["para_hashes"] = paras
+        batch["para_hashes"] = pd.Series(paras, index=batch.index, dtype=object)
         sig = [b""] * len(batch)
         if self.fuzzy.enabled and alive.any():
             rows = dedup.signatures(list(batch["text"][alive]), self.fuzzy)
             for i, s in zip(np.flatnonzero(alive), rows):
                 sig[i] = s.tobytes()
-        batch["sig"] = sig
+        batch["sig"] = pd.Series(sig, index=batch.index, dtype=object)
         return batch
 
 
@@ -248,15 +253,18 @@ def verified(pairs, docs_uri: str, f: dedup.FuzzySpec, parts: int):
     sigs = (ray.data.read_parquet(docs_uri, columns=["node", "sig", "drop_reason"])
             .filter(expr=col("drop_reason") == KEEP).select_columns(["node", "sig"]))
     facts = {"candidate_links": pairs.count()}  # a pair sharing several bands is listed once per band
+    if not facts["candidate_links"]:  # no two documents share a band (few or all distinct): nothing to verify
+        facts["candidate_pairs"] = 0
+        return pairs, facts
     if facts["candidate_links"] <= f.local_max_edges:
-        df = pairs.to_pandas().drop_duplicates()
+        df = frames.to_pandas(pairs, ["a", "b"]).drop_duplicates()
         facts["candidate_pairs"] = len(df)
         wanted = [ray.put(pd.Index(sorted(set(df["a"]) | set(df["b"]))))]  # a list: Ray Data keeps the ref as is
 
         def only_wanted(b: pd.DataFrame) -> pd.DataFrame:
             return b[ray.get(wanted[0]).get_indexer(b["node"]) >= 0]
 
-        found = sigs.map_batches(only_wanted, batch_format="pandas").to_pandas()
+        found = frames.to_pandas(sigs.map_batches(only_wanted, batch_format="pandas"), ["node", "sig"])
         sig = dict(zip(found["node"], found["sig"]))
         df["sig_a"], df["sig_b"] = df["a"].map(sig), df["b"].map(sig)
         return ray.data.from_pandas(df[dedup.estimated_jaccard(df, f.num_perm) >= f.threshold][["a", "b"]]), facts
@@ -304,9 +312,11 @@ class ApplyDedup:
                 texts[i] = "\n\n".join(kept_paras)
                 if not texts[i].strip():
                     reasons[i], details[i] = "paragraph_dedup.emptied", f"all {n} paragraphs seen in earlier documents"
-        batch["drop_reason"], batch["drop_detail"], batch["text"] = reasons, details, texts
-        batch["duplicate_of"], batch["paragraphs_removed"] = dup_of, removed
-        batch["chars"] = [len(t) for t in texts]
+        for name, values in (("drop_reason", reasons), ("drop_detail", details), ("text", texts),
+                             ("duplicate_of", dup_of)):
+            batch[name] = frames.strings(values, batch.index)
+        batch["paragraphs_removed"] = frames.ints(removed, batch.index)
+        batch["chars"] = frames.ints([len(t) for t in texts], batch.index)
         return batch.drop(columns=[c for c in ("rep", "drop_paras", "sig", "para_hashes") if c in batch])
 
 
@@ -337,7 +347,9 @@ def body(run, inputs, cfg: Config) -> None:
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         for name, fn in ops:
             ds = ds.map_batches(Timed(name, fn, stats), batch_format="pandas")
-        ds.map_batches(Timed("keys", Keys(cfg), stats), batch_format="pandas").write_parquet(docs_uri)
+        # an input without a single record writes no file; the passes below then read a schema and zero rows
+        frames.write_parquet(ds.map_batches(Timed("keys", Keys(cfg), stats), batch_format="pandas"), docs_uri,
+                             empty=lambda: _empty_schemas(ops, cfg, tok_path)[0])
     op_seconds = ray.get(stats.get.remote())
     n_rows = ray.data.read_parquet(docs_uri, columns=["uid"]).count()
     n_parts = _partitions(cfg, n_rows)
@@ -353,7 +365,7 @@ def body(run, inputs, cfg: Config) -> None:
         ds = ds.map_batches(ApplyDedup(cfg.exact_dedup.min_paragraph_chars, cfg.exact_dedup.enabled), batch_format="pandas")
         if tok_path:
             ds = ds.map_batches(count_tokens, fn_kwargs={"tokenizer_path": tok_path}, batch_format="pandas")
-        ds.write_parquet(annotated_uri)
+        frames.write_parquet(ds, annotated_uri, empty=lambda: _empty_schemas(ops, cfg, tok_path)[1])
     annotated = ray.data.read_parquet(annotated_uri)
     summary = summarize(annotated, HIST_EDGES)
     n_in = sum(summary["reasons"].values())
@@ -379,7 +391,8 @@ def body(run, inputs, cfg: Config) -> None:
         kept = (final.filter(expr=col("drop_reason") == KEEP)
                 .map_batches(_with_split, fn_kwargs={"val_percent": cfg.val_percent}, batch_format="pandas")
                 .sort(["hash", "node"]).materialize())
-        splits = _write_splits(run, kept, cfg, tok_path)
+        warnings: list[str] = []
+        splits = _write_splits(run, kept, cfg, tok_path, warnings)
 
     reasons = summary["reasons"]
     kept_total = reasons.get(KEEP, 0)
@@ -417,6 +430,8 @@ def body(run, inputs, cfg: Config) -> None:
         if cfg.pii.enabled else {},
         "paragraphs_removed": sum(v.get("paragraphs_removed", 0) for v in per_source.values()),
         "task_families": splits["task_families"],
+        # what a small (or heavily filtered) corpus could not provide: empty splits, task families not built
+        "warnings": warnings,
     }
     if splits.get("tasks_mix"):  # the synthetic tasks' train rows, added to the pre-training text as a source
         metrics["per_source"] = {**per_source, "tasks": splits["tasks_mix"]}
@@ -431,42 +446,77 @@ def body(run, inputs, cfg: Config) -> None:
         metrics["packed"] = splits["packed"]
     run.add_artifact("dataset", "dataset", run.uri("data"), meta={"splits": splits["counts"], "source": cfg.source})
     run.log_metrics(metrics)
+    for w in warnings:
+        console.say(f"curate: warning: {w}")
     _remove(run.uri("work"))
 
 
 def _with_split(batch: pd.DataFrame, val_percent: float) -> pd.DataFrame:
     batch = batch.copy()
     # a repeated (up-sampled) copy goes to its original's split, so the val split never leaks into train
-    batch["split"] = [split_of(i.split("#rep", 1)[0], val_percent) for i in batch["id"]]
+    split = [split_of(i.split("#rep", 1)[0], val_percent) for i in batch["id"]]
+    batch["split"] = frames.strings(split, batch.index)
     return batch
 
 
-def _write_splits(run, kept, cfg: Config, tok_path: str | None) -> dict:
-    cols = ["id", "source", "text"]
+SPLIT_COLUMNS = ["id", "source", "text"]
+# the text splits' schema as Ray Data writes it, for a split with no rows (written as one empty file)
+SPLIT_SCHEMA = pa.schema([(c, pa.large_string()) for c in SPLIT_COLUMNS])
+_TYPES = {"uid": pa.int64(), "chars": pa.int64(), "pretokens": pa.int64(), "tokens": pa.int64(),
+          "paragraphs_removed": pa.int64(), "para_hashes": pa.list_(pa.int64()), "sig": pa.binary()}
+
+
+def _empty_schemas(ops, cfg: Config, tok_path: str | None) -> tuple[pa.Schema, pa.Schema]:
+    """Schemas of `work/docs` and `work/annotated`: the real operators run on a frame of no rows. Only used when
+    an input holds no record at all (Ray Data then writes no file for the next pass to read)."""
+    batch = rows_frame([])
+    for _, fn in ops:
+        batch = fn(batch)
+    docs = Keys(cfg)(batch)
+    annotated = ApplyDedup(cfg.exact_dedup.min_paragraph_chars, cfg.exact_dedup.enabled)(docs)
+    if tok_path:
+        annotated = count_tokens(annotated, tok_path)
+    return tuple(frames.with_types(pa.Table.from_pandas(df, preserve_index=False), _TYPES)
+                 for df in (docs, annotated))
+
+
+def _write_splits(run, kept, cfg: Config, tok_path: str | None, warnings: list[str]) -> dict:
+    """Every split is written, an empty one as one empty Parquet file with its columns: later stages find each
+    split they expect and read zero rows from it rather than a missing path. What is empty goes to `warnings`."""
+    cols = SPLIT_COLUMNS
+
     def rows_of(split):
         return lambda t: t.filter(pc.equal(t["split"], split)).select(cols)
 
     train = kept.map_batches(rows_of("train"), batch_format="pyarrow")
     val = kept.map_batches(rows_of("val"), batch_format="pyarrow")
+    n_kept = kept.count()
     task_rows: list[dict] = []
     if cfg.tasks.enabled:
         texts = [r["text"] for r in kept.select_columns(["text"]).take(cfg.tasks.max_source_docs)]
         task_rows = tasks.make_tasks(texts, seed=cfg.tasks.seed, per_family=cfg.tasks.per_family,
                                      test_percent=cfg.tasks.test_percent)
+        if not any(t["family"] == "repeat" for t in task_rows):
+            warnings.append(f"tasks: no 'repeat' family: it needs 2+ words (4-8 letters) that occur 5+ times in the "
+                            f"kept text, which its {len(texts)} kept document(s) do not have")
         if cfg.tasks.in_pretrain_mix:
             mix = pd.DataFrame([{"id": t["id"], "source": "tasks", "text": tasks.as_text(t)}
-                                for t in task_rows if t["split"] == "train"])
-            train = train.union(ray.data.from_arrow(pa.Table.from_pandas(mix[cols], preserve_index=False)))
+                                for t in task_rows if t["split"] == "train"], columns=cols)
+            if len(mix):
+                train = train.union(ray.data.from_arrow(pa.Table.from_pandas(mix, preserve_index=False)))
             out_mix = {"docs": len(mix), "chars": int(mix["text"].str.len().sum()), "pretokens": None}
     # one file per split while small (later stages read the rows in this order); many files at scale
     counts = {"text_train": train.count(), "text_val": val.count()}
     for ds, name in ((train, "text_train"), (val, "text_val")):
-        (ds.repartition(1) if counts[name] <= 200_000 else ds).write_parquet(run.uri("data", name))
+        frames.write_parquet(ds.repartition(1) if counts[name] <= 200_000 else ds, run.uri("data", name),
+                             SPLIT_SCHEMA)
     if task_rows:
         tdf = pd.DataFrame(task_rows)
         for split, name in (("train", "tasks_train"), ("test", "tasks_test")):
-            ray.data.from_pandas(tdf[tdf["split"] == split]).repartition(1).write_parquet(run.uri("data", name))
-            counts[name] = int((tdf["split"] == split).sum())
+            part = tdf[tdf["split"] == split]
+            frames.write_parquet(ray.data.from_pandas(part).repartition(1), run.uri("data", name),
+                                 pa.Table.from_pandas(part, preserve_index=False).schema)
+            counts[name] = len(part)
     out = {"counts": counts, "task_families": sorted({t["family"] for t in task_rows})}
     if cfg.tasks.enabled and cfg.tasks.in_pretrain_mix:
         out["tasks_mix"] = out_mix
@@ -477,6 +527,12 @@ def _write_splits(run, kept, cfg: Config, tok_path: str | None) -> dict:
             # what pretrain checks before it uses the blocks instead of packing the text itself
             _write_json(run.uri("data", "packed.json"), {"tokenizer": tok_path, "seq_len": cfg.pack.seq_len,
                                                          "chunk_tokens": cfg.pack.chunk_tokens})
+    why = {"text_train": f"{n_kept} documents kept" + (" and no task rows" if cfg.tasks.enabled else ""),
+           "text_val": f"none of the {n_kept} kept documents hashed into it at val_percent={cfg.val_percent}",
+           **{f"packed_{s}": f"its kept documents are shorter than one block of pack.seq_len={cfg.pack.seq_len} "
+                             "tokens" for s in ("train", "val")}}
+    warnings += [f"split {name} is empty ({why.get(name, 'no rows')}); it is written with its columns and no rows"
+                 for name, n in counts.items() if not n]
     return out
 
 

@@ -14,6 +14,8 @@ import unicodedata
 
 import pandas as pd
 
+from raylm.data.frames import ints, strings
+
 KEEP = ""
 COLUMNS = ["id", "source", "text", "raw", "drop_reason", "drop_detail"]
 QUARANTINE_PREFIX = "malformed:"
@@ -128,7 +130,7 @@ class ApplyFilters:
                     reasons[i], details[i] = f.name, verdict[1] if isinstance(verdict, tuple) else ""
                 break
         batch = batch.copy()
-        batch["drop_reason"], batch["drop_detail"] = reasons, details
+        batch["drop_reason"], batch["drop_detail"] = strings(reasons, batch.index), strings(details, batch.index)
         return batch
 
 
@@ -151,8 +153,8 @@ def mark_duplicates(group: pd.DataFrame) -> pd.DataFrame:
 
 def count_pretokens(batch: pd.DataFrame) -> pd.DataFrame:
     batch = batch.copy()
-    batch["chars"] = [len(t) for t in batch["text"]]
-    batch["pretokens"] = [len(PRETOKEN_RE.findall(t)) for t in batch["text"]]
+    batch["chars"] = ints([len(t) for t in batch["text"]], batch.index)
+    batch["pretokens"] = ints([len(PRETOKEN_RE.findall(t)) for t in batch["text"]], batch.index)
     return batch
 
 

@@ -20,6 +20,7 @@ import xxhash
 from ray.data.expressions import col
 
 from raylm.config import Section
+from raylm.data.frames import strings, to_pandas, write_parquet
 from raylm.data.tokenize import cached_tokenizer
 
 KEEP = ""
@@ -51,7 +52,13 @@ def count_tokens(batch: pd.DataFrame, tokenizer_path: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- mixing
 def mix_rates(spec: MixSpec, totals: dict[str, float]) -> dict[str, float]:
-    """Sampling rate per listed source (expected copies per document) that hits the target ratios."""
+    """Sampling rate per listed source (expected copies per document) that hits the target ratios.
+
+    A listed source without kept documents cannot get its share: a clear error (a typo, or a filter that removed
+    it all). When nothing at all was kept there is nothing to mix: no rates, and the (empty) run still succeeds.
+    """
+    if not any(totals.values()):
+        return {}
     missing = [s for s in spec.ratios if not totals.get(s)]
     if missing:
         raise ValueError(f"mix.ratios names source(s) with no kept documents: {missing}; kept sources: "
@@ -85,7 +92,7 @@ def apply_mix(batch: pd.DataFrame, rates: dict[str, float], seed: int) -> pd.Dat
             reasons[i], details[i] = "mixing.downsampled", f"source {src} sampled at rate {rate:.4f}"
         for k in range(1, copies):
             extra.append((i, k))
-    batch["drop_reason"], batch["drop_detail"] = reasons, details
+    batch["drop_reason"], batch["drop_detail"] = strings(reasons, batch.index), strings(details, batch.index)
     if extra:
         reps = batch.iloc[[i for i, _ in extra]].copy()
         ks = [k for _, k in extra]
@@ -182,8 +189,11 @@ def pack_splits(kept, tokenizer_path: str, spec, uri_of) -> dict:
     out = {}
     for split in ("train", "val"):
         rows = packed.filter(expr=col("split") == split)
-        rows.drop_columns(["split"]).write_parquet(uri_of(split))
-        stats = rows.select_columns(["chunks", "docs_split", "tail_tokens"]).to_pandas()
+        # a split of fewer than seq_len tokens (a small corpus) has no block: written as an empty file, 0 blocks
+        write_parquet(rows.drop_columns(["split"]), uri_of(split), ChunkPack.empty(spec.seq_len).drop_columns(
+            ["split"]).schema)
+        stats = to_pandas(rows.select_columns(["chunks", "docs_split", "tail_tokens"]),
+                          ["chunks", "docs_split", "tail_tokens"])
         out[split] = {"blocks": len(stats), "seq_len": spec.seq_len, "tokens": len(stats) * spec.seq_len,
                       "chunks": int(stats["chunks"].sum()), "docs_split": int(stats["docs_split"].sum()),
                       "tail_tokens_dropped": int(stats["tail_tokens"].sum())}

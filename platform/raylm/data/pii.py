@@ -20,6 +20,7 @@ from typing import Iterable, Literal
 import pandas as pd
 
 from raylm.config import Section
+from raylm.data.frames import strings
 
 PiiType = Literal["email", "phone", "ipv4", "ipv6", "credit_card", "cn_id"]
 PII_TYPES: tuple[str, ...] = ("email", "phone", "ipv4", "ipv6", "credit_card", "cn_id")
@@ -179,7 +180,7 @@ class RedactPii:
                 texts[i], found = redact(text, self.types)
                 for t, n in found.items():
                     counts[t][i] = n
-            batch["text"] = texts
+            batch["text"] = strings(texts, batch.index)
         for t in self.types:
             batch[f"pii_{t}"] = pd.Series(counts[t], index=batch.index, dtype="int64")
         return batch

@@ -23,9 +23,11 @@ import xxhash
 from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
 from raylm.config import Section
+from raylm.data.frames import strings
 
 KEEP = ""
 COLUMNS = ["id", "source", "text", "raw", "drop_reason", "drop_detail", "uid"]
+DTYPES = {**{c: "str" for c in COLUMNS}, "uid": "int64"}  # also at zero rows (pandas leaves those untyped)
 RAW_KEPT = 2000  # bytes of a malformed record written to the quarantine
 COMPRESSED = (".gz", ".zst", ".zstd", ".bz2")
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".txt": "text",
@@ -137,6 +139,10 @@ def _row(id_, source, text, uid, reason=KEEP, detail="", raw=""):
             "uid": uid}
 
 
+def rows_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS).astype(DTYPES)
+
+
 def _stem(path: str) -> str:
     base = os.path.basename(path)
     for ext in COMPRESSED:
@@ -193,7 +199,7 @@ class ParseLines:
                                  shown))
                 continue
             rows.append(_record(rec, self.spec, path, uid, shown))
-        return pd.DataFrame(rows, columns=COLUMNS)
+        return rows_frame(rows)
 
 
 class ParseFiles:
@@ -217,7 +223,7 @@ class ParseFiles:
                 continue
             rows.append(_record({self.spec.text_key: text, self.spec.id_key: _stem(path)}, self.spec, path, uid,
                                 shown))
-        return pd.DataFrame(rows, columns=COLUMNS)
+        return rows_frame(rows)
 
 
 class ParseTable:
@@ -233,7 +239,7 @@ class ParseTable:
             path = rec.pop("path", "")
             content = json.dumps({k: rec.get(k) for k in cols}, default=str)
             rows.append(_record(rec, self.spec, path, _uid(path, content), content[:RAW_KEPT]))
-        return pd.DataFrame(rows, columns=COLUMNS)
+        return rows_frame(rows)
 
 
 def read_input(spec: InputSpec, max_line_bytes: int, wrap=lambda fn: fn):
@@ -288,7 +294,7 @@ class Normalize:
         texts = batch["text"].to_numpy(dtype=object).copy()
         texts[alive] = [normalize_text(t, self.spec) for t in texts[alive]]
         batch = batch.copy()
-        batch["text"] = texts
+        batch["text"] = strings(texts, batch.index)
         empty = alive & np.array([not t for t in texts], dtype=bool)
         batch.loc[empty, "drop_reason"] = "malformed:empty_text"
         batch.loc[empty, "drop_detail"] = "empty after normalisation"
