@@ -19,7 +19,7 @@ import pyarrow as pa
 import xxhash
 from ray.data.expressions import col
 
-from raylm.config import Section
+from raylm.config import ConfigError, Section
 from raylm.data.frames import strings, to_pandas, write_parquet
 from raylm.data.tokenize import cached_tokenizer
 
@@ -61,7 +61,7 @@ def mix_rates(spec: MixSpec, totals: dict[str, float]) -> dict[str, float]:
         return {}
     missing = [s for s in spec.ratios if not totals.get(s)]
     if missing:
-        raise ValueError(f"mix.ratios names source(s) with no kept documents: {missing}; kept sources: "
+        raise ConfigError(f"mix.ratios names source(s) with no kept documents: {missing}; kept sources: "
                          f"{sorted(totals)}")
     weight = sum(spec.ratios.values())
     share = {s: r / weight for s, r in spec.ratios.items()}
