@@ -107,10 +107,10 @@ def run(cfg: Config, base_dir: Path = Path(".")) -> dict[str, str]:
     return done
 
 
-HEADLINE = {"curate": ("docs_in", "docs_kept"), "tokenizer": ("vocab_size",), "pretrain": ("loss", "val_loss"),
-            "sft": ("loss", "val_loss"), "dpo": ("loss", "reward_accuracy"), "reward": ("heldout_accuracy",),
-            "rl": ("heldout_reward_before", "heldout_reward_after"), "quantize": (), "serve": ("deploy_s",),
-            "evaluate": (), "report": ()}
+HEADLINE = {"curate": ("docs_in", "docs_kept"), "tokenizer": ("vocab_size",),
+            "pretrain": ("initial_loss", "final_loss", "final_val_loss"), "sft": ("final_loss", "final_val_loss"),
+            "dpo": ("final_loss", "val_reward_accuracy", "val_reward_margin"), "reward": ("heldout_accuracy",),
+            "rl": ("heldout_reward_before", "heldout_reward_after"), "serve": ("deploy_s",)}
 
 
 def headline(stage: str, metrics: dict) -> str:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-POLL_S = 0.5
+POLL_S = 1.0
 GRACE_S = 5.0
 
 
