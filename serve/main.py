@@ -192,6 +192,11 @@ def main(model: str | None, config: str | None, overrides: list[str], emit: str 
     local = not os.environ.get("RAY_ADDRESS")
     mode = ingress_mode(cfg, local)
     check_port(cfg, mode)
+    if local:
+        # An engine dies with its replica: the raylet reaps a dead worker's orphans (a replica killed by Serve or a
+        # crash left its EngineCore, ~5.7 GB). Only here: Ray then ignores SIGCHLD in this process, so a
+        # `subprocess.run` in it would see exit status 0 whatever the child returned (seen in a test driver).
+        os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "true")
     if mode == "haproxy":
         os.environ.update(HAPROXY_ENV)  # inherited by the local cluster's processes started below
     init_ray(setup_hook=BIND_HOOK if mode == "haproxy" else None)

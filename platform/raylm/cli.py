@@ -225,5 +225,6 @@ def _name_the_log() -> None:
     if console.failed_log():
         print(f"raylm: the full log is {console.failed_log()}", file=sys.stderr)
 
+
 if __name__ == "__main__":
     main()

@@ -16,10 +16,7 @@ REPO_DIR = PACKAGE_DIR.parents[1]
 # Parquet, curate a dozen times. Set for the driver and for workers (Tune trials build their own DataContext).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
               "RAY_DATA_USE_DATASOURCE_V2": "0"}
-LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0",
-                   # a vLLM engine (a child of its Serve replica) dies with the replica: the raylet reaps a dead
-                   # worker's orphans (without it a killed replica's EngineCore kept ~5.7 GB)
-                   "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper": "true"}
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 def code_runtime_env() -> dict:

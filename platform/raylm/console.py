@@ -82,8 +82,11 @@ class Session:
                 data = os.read(r, 65536)
                 if not data:
                     return
-                os.write(term, data)
-                os.write(self._tee_target[0], data)
+                for fd in (term, self._tee_target[0]):
+                    try:  # a log being switched (or closed at the end) must not stop the pump: writers would block
+                        os.write(fd, data)
+                    except OSError:
+                        pass
 
         t = threading.Thread(target=pump, name="raylm-tee", daemon=True)
         t.start()
