@@ -20,18 +20,22 @@ POLL_S = 1.0
 GRACE_S = 5.0
 
 
-def _tree(owner) -> dict[int, float]:
-    """pid -> create time of every live descendant (the create time tells a reused pid from the same process)."""
+def descendants(pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (name, create time) of every live descendant of `pid`, from one scan of the process table. Tolerant
+    of processes ending during the scan (`Process.children(recursive=True)` raises NoSuchProcess then, which read as
+    the owner's death would have killed a live cluster). The create time tells a reused pid from the same process."""
     import psutil
 
-    out = {}
-    for p in owner.children(recursive=True):
-        if p.pid == os.getpid():  # the reaper is one of the owner's children too
-            continue
-        try:
-            out[p.pid] = p.create_time()
-        except psutil.Error:
-            pass
+    kids: dict[int, list] = {}
+    for p in psutil.process_iter(["pid", "ppid", "name", "create_time"]):
+        kids.setdefault(p.info["ppid"], []).append(p.info)
+    out, todo = {}, [pid]
+    while todo:
+        for info in kids.get(todo.pop(), []):
+            if info["pid"] not in out and info["create_time"] is not None:
+                out[info["pid"]] = (info["name"], info["create_time"])
+                todo.append(info["pid"])
+    out.pop(os.getpid(), None)  # the reaper is one of the owner's children too
     return out
 
 
@@ -61,9 +65,9 @@ def watch(owner_pid: int) -> None:
         try:
             if owner.status() == psutil.STATUS_ZOMBIE:
                 break
-            tree = _tree(owner) or tree
         except psutil.NoSuchProcess:
             break
+        tree = {p: created for p, (_, created) in descendants(owner_pid).items()} or tree
         time.sleep(POLL_S)
     left = _still(tree)
     for p in list(left):  # their own children too (a replica's engine started after the last look)

@@ -127,15 +127,9 @@ class Server:
 
     def tree(self) -> dict:
         """pid -> (name, create time) of every process this server started (Ray, HAProxy, vLLM engines)."""
-        import psutil
+        from raylm.reaper import descendants
 
-        out = {}
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                out[p.pid] = (p.name(), p.create_time())
-            except psutil.Error:
-                pass
-        return out
+        return descendants(self.proc.pid)
 
     def stop(self) -> int:
         if self.proc.poll() is not None:  # killed by a test
