@@ -69,12 +69,11 @@ def watch(owner_pid: int) -> None:
             break
         tree = {p: created for p, (_, created) in descendants(owner_pid).items()} or tree
         time.sleep(POLL_S)
+    # their own children too (a replica's engine started after the last look), found by the same tolerant scan:
+    # `children(recursive=True)` gave up on a whole subtree when one process in it ended mid-walk
+    for p in _still(tree):  # only from the same processes, never from a pid reused since the last look
+        tree.update({c: created for c, (_, created) in descendants(p.pid).items() if c not in tree})
     left = _still(tree)
-    for p in list(left):  # their own children too (a replica's engine started after the last look)
-        try:
-            left += [c for c in p.children(recursive=True) if c not in left and c.pid != os.getpid()]
-        except psutil.Error:
-            pass
     for p in left:
         try:
             p.terminate()
