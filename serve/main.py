@@ -102,11 +102,37 @@ INGRESS_WORDS = {"haproxy": "HAProxy -> vLLM replicas (fast path)",
                  "cluster": "the cluster's own ingress"}
 
 
+HAPROXY_PORTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+                 "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
 def haproxy_reserved_ports() -> dict[int, str]:
     """Ports Ray Serve's HAProxy mode takes for itself on every node (each overridable by its variable)."""
-    names = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
-             "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
-    return {int(os.environ.get(n, d)): n for n, d in names.items()}
+    return {int(os.environ.get(n, d)): n for n, d in HAPROXY_PORTS.items()}
+
+
+def pick_haproxy_ports(cfg: EndpointConfig) -> dict[str, str]:
+    """Free ports for HAProxy's stats and metrics pages and Serve's fallback proxy on a cluster this process starts.
+    Ray's fixed defaults made a second `raylm serve` on the same machine take over the first one's stats port, and
+    the first one's HAProxy stopped listening at its next reload. A port the user set by its variable is kept."""
+    import socket
+
+    chosen, held = {}, []
+    try:
+        for name in HAPROXY_PORTS:
+            if name in os.environ:
+                continue
+            while True:  # hold each socket until all are chosen, so the three differ
+                s = socket.socket()
+                s.bind((cfg.host, 0))
+                held.append(s)
+                if s.getsockname()[1] != cfg.port:
+                    break
+            chosen[name] = str(s.getsockname()[1])
+    finally:
+        for s in held:
+            s.close()
+    return chosen
 
 
 def check_port(cfg: EndpointConfig, mode: str) -> None:
@@ -191,14 +217,15 @@ def main(model: str | None, config: str | None, overrides: list[str], emit: str 
         return
     local = not os.environ.get("RAY_ADDRESS")
     mode = ingress_mode(cfg, local)
+    if mode == "haproxy":
+        # inherited by the local cluster's processes started below
+        os.environ.update({**HAPROXY_ENV, **pick_haproxy_ports(cfg)})
     check_port(cfg, mode)
     if local:
         # An engine dies with its replica: the raylet reaps a dead worker's orphans (a replica killed by Serve or a
         # crash left its EngineCore, ~5.7 GB). Only here: Ray then ignores SIGCHLD in this process, so a
         # `subprocess.run` in it would see exit status 0 whatever the child returned (seen in a test driver).
         os.environ.setdefault("RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper", "true")
-    if mode == "haproxy":
-        os.environ.update(HAPROXY_ENV)  # inherited by the local cluster's processes started below
     init_ray(setup_hook=BIND_HOOK if mode == "haproxy" else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -210,8 +237,10 @@ def main(model: str | None, config: str | None, overrides: list[str], emit: str 
               f"auth: {'api keys' if client_key(cfg.api_keys_env, cfg.api_keys_file) else 'none'})", flush=True)
         # Prometheus targets: each node's metrics agent (also in /tmp/ray/prom_metrics_service_discovery.json)
         targets = [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes() if n.get("Alive")]
+        haproxy_ports = {n: os.environ[n] for n in HAPROXY_PORTS if mode == "haproxy"}
         print(json.dumps({"ready_s": round(ready_s, 1), "ingress": mode, "versions": list(models),
-                          "adapters": list(adapters), "prometheus_targets": targets, "settings": describe(cfg)}),
+                          "adapters": list(adapters), "prometheus_targets": targets, "haproxy_ports": haproxy_ports,
+                          "settings": describe(cfg)}),
               file=sys.stderr, flush=True)
         while not stop.wait(1.0):
             pass

@@ -178,6 +178,26 @@ def test_port_reserved_by_haproxy_mode_is_refused():
     check_port(EndpointConfig(port=8500), "proxy")
 
 
+def test_a_local_haproxy_gets_its_own_free_ports_and_keeps_a_users(monkeypatch):
+    """Two `raylm serve` on one machine: Ray's fixed stats/metrics/fallback ports collided (the first server's
+    HAProxy stopped listening). Each local server now picks free ones; a port set by its variable stays."""
+    import socket
+
+    from serve.main import HAPROXY_PORTS, pick_haproxy_ports
+
+    for name in HAPROXY_PORTS:
+        monkeypatch.delenv(name, raising=False)
+    cfg = EndpointConfig(host="127.0.0.1", port=18000)
+    first = pick_haproxy_ports(cfg)
+    assert set(first) == set(HAPROXY_PORTS) and len(set(first.values())) == 3
+    assert str(cfg.port) not in first.values() and not set(first.values()) & {"8404", "9101", "8500"}
+    for port in first.values():  # free when chosen
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(port)))
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "8404")
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in pick_haproxy_ports(cfg)
+
+
 def _model_dir(path):
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
