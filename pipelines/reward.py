@@ -15,7 +15,7 @@ import ray
 from pydantic import field_validator, model_validator
 
 from raylm.config import LoraSpec, OptimSpec, ResourcesSpec, TrainStageConfig, TrainSpec
-from raylm.data.tokenize import PreferencePairs
+from raylm.data.tokenize import PreferencePairs, map_tokens
 from raylm.losses import REWARD_LOSSES
 from raylm.runs import RunError
 from raylm.stage import require_paths
@@ -85,9 +85,7 @@ def pair_dataset(uri: str, tok_path: str, max_len: int, seed: int | None = None)
     """Tokenized pairs (a training split globally shuffled, as in sft/dpo) and the rows skipped for having no
     rejected answer. The filter runs before tokenizing, so a null never reaches the chat template."""
     raw = ray.data.read_parquet(uri)
-    ds = raw.map_batches(has_rejected, batch_format="pandas").map_batches(
-        PreferencePairs, fn_constructor_args=(tok_path, max_len), compute=ray.data.ActorPoolStrategy(size=1),
-        batch_format="pandas")
+    ds = map_tokens(raw.map_batches(has_rejected, batch_format="pandas"), PreferencePairs, tok_path, max_len)
     ds = (ds.random_shuffle(seed=seed) if seed is not None else ds).materialize()
     return ds, raw.count() - ds.count()
 

@@ -159,9 +159,9 @@ class PromptIds:
     """Ray Data operator: chat-template token ids of each prompt and their length."""
 
     def __init__(self, tok_path: str):
-        from raylm.models import load_tokenizer
+        from raylm.data.tokenize import cached_tokenizer
 
-        self.tok = load_tokenizer(tok_path)
+        self.tok = cached_tokenizer(tok_path)
 
     def __call__(self, batch):
         ids = [self.tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -174,9 +174,9 @@ class PromptIds:
 
 def prompt_set(uri: str, tok_path: str, max_len: int):
     """Training prompts as a Ray Data dataset: (kept dataset, rows in, rows skipped for length)."""
-    ds = ray.data.read_parquet(uri).map_batches(PromptIds, fn_constructor_args=(tok_path,),
-                                                compute=ray.data.ActorPoolStrategy(size=1),
-                                                batch_format="pandas").materialize()
+    from raylm.data.tokenize import map_tokens
+
+    ds = map_tokens(ray.data.read_parquet(uri), PromptIds, tok_path).materialize()
     n_in = ds.count()
     kept = ds.filter(lambda r: r["prompt_len"] <= max_len).materialize()
     return kept, n_in, n_in - kept.count()

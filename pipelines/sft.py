@@ -16,7 +16,7 @@ import ray
 from raylm.config import ConfigError, LoraSpec, OptimSpec, ReplaySpec, ResourcesSpec, TrainSpec, TrainStageConfig
 from raylm.data.cache import tokenized
 from raylm.data.replay import general_blocks, mix_replay
-from raylm.data.tokenize import ChatExamples
+from raylm.data.tokenize import ChatExamples, map_tokens
 from raylm.stage import require_paths
 from raylm.train.launch import fit, resume_point, train_facts
 from raylm.train.peft_menu import check_peft
@@ -49,8 +49,7 @@ def chat_dataset(uri: str, tok_path: str, max_len: int, op=ChatExamples, seed: i
     args = (tok_path, max_len) if fmt is None else (tok_path, max_len, fmt)
 
     def build():
-        ds = ray.data.read_parquet(uri).map_batches(op, fn_constructor_args=args,
-                                                    compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas")
+        ds = map_tokens(ray.data.read_parquet(uri), op, *args)
         return ds.random_shuffle(seed=seed) if seed is not None else ds
 
     key = {"uri": uri, "tokenizer": tok_path, "max_len": max_len, "op": op.__name__, "seed": seed}

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raylm.config import ConfigError, StageConfig
+from raylm.data.tokenize import cached_tokenizer, map_tokens
 from raylm.models import load_tokenizer, train_tokenizer
 from raylm.stage import require_paths
 
@@ -45,7 +46,7 @@ def _train(train_uri: str, vocab_size: int, min_frequency: int, out_dir: str) ->
 
 class CountTokens:
     def __init__(self, path: str):
-        self.tok = load_tokenizer(path)
+        self.tok = cached_tokenizer(path)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         ids = self.tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
@@ -54,8 +55,7 @@ class CountTokens:
 
 
 def _stats(uri: str, tok_dir: str) -> dict:
-    ds = ray.data.read_parquet(uri).map_batches(CountTokens, fn_constructor_args=(tok_dir,),
-                                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="pandas")
+    ds = map_tokens(ray.data.read_parquet(uri), CountTokens, tok_dir)
     df = ds.groupby("source").sum(["chars", "tokens"]).to_pandas()
     per = {r["source"]: {"chars": int(r["sum(chars)"]), "tokens": int(r["sum(tokens)"]),
                          "tokens_per_char": round(r["sum(tokens)"] / max(1, r["sum(chars)"]), 4)}
