@@ -358,6 +358,49 @@ def test_metrics_summary_and_cli(endpoint):
     assert result["ok"] == 16 and result["output_tokens"] == 16 * 8 and result["ttft_ms"]["p50"] > 0
 
 
+def _speaks_http(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=3) as s:
+            s.sendall(b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n")
+            s.settimeout(5)
+            return s.recv(16).startswith(b"HTTP/")
+    except OSError:
+        return False
+
+
+def test_every_port_it_opens_is_on_the_host_given(endpoint):
+    """HAProxy's frontend, stats and metrics pages and the replicas' HTTP ports of `raylm serve` on host 127.0.0.1
+    stay on loopback: HAProxy listens nowhere else, and no replica port answers HTTP on the machine's own network
+    address. (Ray's own gRPC and metrics ports are Ray's: they listen on every interface on any Ray node.)
+    Defined before the A/B tests: their fixture stops this endpoint first."""
+    import ipaddress
+
+    import psutil
+
+    assert endpoint.proc.poll() is None, "the endpoint was stopped (by the A/B fixture?) before this test"
+    assert "ingress: HAProxy -> vLLM replicas" in endpoint.log.read_text(errors="replace")  # the status line
+    tree = endpoint.tree()
+    listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in tree]
+    haproxy = [addr for pid, addr in listening if tree[pid][0] == "haproxy"]
+    assert endpoint.port in {a.port for a in haproxy} and len({a.port for a in haproxy}) >= 3, haproxy
+    assert all(ipaddress.ip_address(a.ip).is_loopback for a in haproxy), haproxy  # frontend, stats, metrics
+    def title(pid):
+        try:
+            return (psutil.Process(pid).cmdline() or [""])[0]
+        except psutil.Error:  # ended since the listing (a Ray task worker)
+            return ""
+
+    replicas = {pid for pid in tree if title(pid).startswith("ray::ServeReplica")}
+    assert replicas, "no Serve replica process found"
+    own_ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+               if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback]
+    exposed = [(ip, addr.port) for pid, addr in listening if pid in replicas and not ipaddress.ip_address(
+        addr.ip).is_loopback for ip in own_ips if _speaks_http(ip, addr.port)]
+    assert not exposed, f"replica HTTP ports reachable beyond loopback: {exposed}"
+    assert any(_speaks_http("127.0.0.1", addr.port) for pid, addr in listening if pid in replicas)  # found them
+
+
 @pytest.fixture(scope="module")
 def ab_endpoint(tmp_path_factory, endpoint):
     """Started after the first endpoint's tests (it reuses nothing but the machine)."""
@@ -397,47 +440,6 @@ def test_ab_split_sticky_users_and_per_version_metrics(ab_endpoint):
     stats = http("GET", f"{base}/raylm/stats")[2]
     assert stats["versions"]["stable"]["requests"] + stats["versions"]["canary"]["requests"] >= n + 15
     assert stats["versions"]["canary"]["requests"] >= seen["canary"]
-
-
-def _speaks_http(ip: str, port: int) -> bool:
-    try:
-        with socket.create_connection((ip, port), timeout=3) as s:
-            s.sendall(b"GET /v1/models HTTP/1.0\r\nHost: x\r\n\r\n")
-            s.settimeout(5)
-            return s.recv(16).startswith(b"HTTP/")
-    except OSError:
-        return False
-
-
-def test_every_port_it_opens_is_on_the_host_given(endpoint):
-    """HAProxy's frontend, stats and metrics pages and the replicas' HTTP ports of `raylm serve` on host 127.0.0.1
-    stay on loopback: HAProxy listens nowhere else, and no replica port answers HTTP on the machine's own network
-    address. (Ray's own gRPC and metrics ports are Ray's: they listen on every interface on any Ray node.)"""
-    import ipaddress
-
-    import psutil
-
-    assert "ingress: HAProxy -> vLLM replicas" in endpoint.log.read_text(errors="replace")  # the status line
-    tree = endpoint.tree()
-    listening = [(c.pid, c.laddr) for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in tree]
-    haproxy = [addr for pid, addr in listening if tree[pid][0] == "haproxy"]
-    assert endpoint.port in {a.port for a in haproxy} and len({a.port for a in haproxy}) >= 3, haproxy
-    assert all(ipaddress.ip_address(a.ip).is_loopback for a in haproxy), haproxy  # frontend, stats, metrics
-    def title(pid):
-        try:
-            return (psutil.Process(pid).cmdline() or [""])[0]
-        except psutil.Error:  # ended since the listing (a Ray task worker)
-            return ""
-
-    replicas = {pid for pid in tree if title(pid).startswith("ray::ServeReplica")}
-    assert replicas, "no Serve replica process found"
-    own_ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
-               if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback]
-    exposed = [(ip, addr.port) for pid, addr in listening if pid in replicas and not ipaddress.ip_address(
-        addr.ip).is_loopback for ip in own_ips if _speaks_http(ip, addr.port)]
-    assert not exposed, f"replica HTTP ports reachable beyond loopback: {exposed}"
-    assert any(_speaks_http("127.0.0.1", addr.port) for pid, addr in listening if pid in replicas)  # found them
 
 
 def test_sigkill_leaves_no_process_behind(ab_endpoint):
