@@ -52,12 +52,17 @@ class Session:
         run existed: Ray's start-up, input resolution)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        paused = self._pause_tee()  # --verbose: bytes already in the pipe belong to the old log
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if carry_from and carry_from != path:
             with open(carry_from, "rb") as src, open(path, "ab") as dst:
                 shutil.copyfileobj(src, dst)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if self.verbose:
+        if self._tee is not None:
+            self._tee_target[0] = fd
+            if paused:
+                self._resume.set()
+        elif self.verbose:
             self._start_tee(fd)
         else:
             os.dup2(fd, 1)
@@ -68,25 +73,52 @@ class Session:
             os.unlink(self.log_path)  # carried into the run's log, or uploaded with it
         self._log_fd, self.log_path, self._pending = fd, path, pending
 
+    # A marker written through the pipe: the pump has copied everything before it once it sees it. Waiting for
+    # the pipe to look empty is not enough: the pump may hold a chunk it has read but not yet written.
+    _MARK = b"\x00raylm-tee-switch\x00"
+
+    def _pause_tee(self) -> bool:
+        """--verbose: let the pump copy what is already in the pipe to the current log, then hold it until
+        `switch` names the next one (else a child's last lines could land in the next run's log, or be lost)."""
+        if self._tee is None:
+            return False
+        self._drained.clear()
+        self._resume.clear()
+        os.write(1, self._MARK)
+        if not self._drained.wait(timeout=5):
+            self._resume.set()  # the pump is stuck (a full terminal?): switch anyway rather than hang
+            return False
+        return True
+
     def _start_tee(self, log_fd: int) -> None:
         """--verbose: fds 1 and 2 into a pipe whose reader copies every byte to the terminal and the log."""
-        if self._tee is not None:
-            self._tee_target[0] = log_fd
-            return
         r, w = os.pipe()
         self._tee_target = [log_fd]
-        term = self._saved[1]
+        self._drained, self._resume = threading.Event(), threading.Event()
+        term, mark = self._saved[1], self._MARK
+
+        def copy(data: bytes) -> None:
+            for fd in (term, self._tee_target[0]):
+                try:  # a log being switched (or closed at the end) must not stop the pump: writers would block
+                    os.write(fd, data)
+                except OSError:
+                    pass
 
         def pump():
+            held = b""  # a tail that may be the start of a marker split across two reads
             while True:
                 data = os.read(r, 65536)
                 if not data:
-                    return
-                for fd in (term, self._tee_target[0]):
-                    try:  # a log being switched (or closed at the end) must not stop the pump: writers would block
-                        os.write(fd, data)
-                    except OSError:
-                        pass
+                    return copy(held) if held else None
+                data, held = held + data, b""
+                while mark in data:
+                    before, data = data.split(mark, 1)
+                    copy(before)
+                    self._drained.set()
+                    self._resume.wait(timeout=10)
+                held = next((data[-k:] for k in range(len(mark) - 1, 0, -1) if data.endswith(mark[:k])), b"")
+                if len(data) > len(held):
+                    copy(data[:len(data) - len(held)])
 
         t = threading.Thread(target=pump, name="raylm-tee", daemon=True)
         t.start()

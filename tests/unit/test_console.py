@@ -22,7 +22,8 @@ with console.session(verbose={verbose}):
         print("noise: an INFO line")
         warnings.warn("noise: a deprecation warning")
         os.write(2, b"noise: a C++ log line on fd 2\\n")
-        subprocess.run(["echo", "noise: a child process"])
+        # a long burst, so the tee's pipe still holds the child's last line when the run ends
+        subprocess.run(["sh", "-c", "head -c 300000 /dev/zero | tr '\\\\0' x; echo; echo noise: a child process"])
         console.say("SUMMARY: stage done")
         console.status("PROGRESS: step 3/10")
     print("noise after the run")
