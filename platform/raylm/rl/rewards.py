@@ -15,8 +15,8 @@ failure reason, and `CompositeReward` counts the reasons per component so a run 
 Timeouts: `safe_score` runs the function in its own daemon thread and waits at most `timeout` seconds, so the
 caller never hangs. Python cannot kill a thread: a pure-Python hang (``while True: pass`` inside a reward
 function) leaves that thread running in the background (it is a daemon thread, so it does not block interpreter
-exit). Rewards that run untrusted code must bound themselves: `code_tests` runs the program in a subprocess with its
-own timeout and kills the subprocess (and its process group) when it expires.
+exit). Rewards that run untrusted code must bound themselves: `code_tests` runs the program in `raylm.sandbox`, a
+subprocess with its own timeout whose process group is killed when it expires.
 """
 from __future__ import annotations
 
@@ -24,12 +24,7 @@ import inspect
 import json
 import math
 import numbers
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -38,13 +33,10 @@ from typing import Any, Callable
 
 from pydantic import field_validator, model_validator
 
-from raylm import tasks
+from raylm import sandbox, tasks
 from raylm.config import Section
 
-try:  # only to know whether RLIMIT_AS exists here; the child sets the limit itself (_BOOT)
-    import resource
-except ImportError:  # pragma: no cover - not on POSIX
-    resource = None
+resource = sandbox.resource  # None where RLIMIT_AS does not exist (no memory limit there)
 
 REWARDS: dict[str, Callable[..., float]] = {}
 REWARD_MODEL = "reward_model"
@@ -110,56 +102,22 @@ def extract_code(response: str) -> str:
     return m.group(1) if m else response
 
 
-# The memory limit is set by the child interpreter itself, before it runs the program: a `preexec_fn` runs Python
-# in the forked child of a multi-threaded parent (Ray, torch), which Python documents as unsafe, and a full-suite run
-# saw that child die of SIGSEGV before exec (the reward then read "exit status -11", not a timeout).
-_BOOT = ("import resource, runpy, sys\n"
-         "limit = int(sys.argv[2])\n"
-         "if limit:\n"
-         "    try:\n"
-         "        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
-         "    except (ValueError, OSError):\n"  # unsupported (e.g. macOS) or above the hard limit: run without it
-         "        pass\n"
-         "sys.argv = sys.argv[1:2]\n"
-         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
-
-
 @register("code_tests")
 def code_tests(prompt: str, response: str, record: dict, timeout: float = 5.0, memory_mb: int = 512) -> float:
     """1.0 if the response's program followed by `record["tests"]` (Python asserts) exits with status 0.
 
-    The program runs with `sys.executable -I` (isolated: no user site, no PYTHON* variables) in a fresh temporary
-    directory, stdout/stderr discarded, address space limited to `memory_mb` (where RLIMIT_AS is supported), in its
-    own process group. Past `timeout` seconds the whole group is killed and `RewardTimeout` is raised.
+    The program runs in `raylm.sandbox` (shared with the evaluation harness's pass@k): `sys.executable -I`
+    (isolated: no user site, no PYTHON* variables) in a fresh temporary directory, stdout discarded, address space
+    limited to `memory_mb` (where RLIMIT_AS is supported), in its own process group. Past `timeout` seconds the
+    whole group is killed and `RewardTimeout` is raised.
     """
     if not str(record.get("tests") or "").strip():  # running the answer with no asserts would reward any program
         raise ValueError("code_tests: the record has no `tests` to run")
     program = extract_code(response).rstrip() + "\n\n" + str(record["tests"]) + "\n"
-    limit = int(memory_mb) * 1024 * 1024 if resource is not None and memory_mb else 0
-    with tempfile.TemporaryDirectory(prefix="raylm-code-") as tmp:
-        path = os.path.join(tmp, "solution.py")
-        with open(path, "w") as f:
-            f.write(program)
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _BOOT, path, str(limit)], cwd=tmp,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise RewardTimeout(f"program ran past {timeout}s") from None
-        finally:
-            if proc.poll() is None:  # interrupted some other way: never leave the child behind
-                _kill_group(proc)
-    return 1.0 if rc == 0 else 0.0
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, AttributeError):
-        proc.kill()
-    proc.wait()
+    result = sandbox.run_program(program, timeout=timeout, memory_mb=memory_mb)
+    if result.status == "timeout":
+        raise RewardTimeout(f"program ran past {timeout}s")
+    return 1.0 if result.passed else 0.0
 
 
 DEFAULT_JUDGE_TEMPLATE = (
