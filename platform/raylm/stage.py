@@ -20,6 +20,17 @@ from raylm.config import ConfigError, StageConfig, load_config
 from raylm.runs import RunError, RunStore
 
 
+# Stage names whose recipe module has another name (`import` is a Python keyword).
+RECIPE_MODULES = {"import": "import_model"}
+
+
+def recipe(stage: str) -> ModuleType:
+    """The `pipelines` module of a stage name (`import` -> pipelines.import_model)."""
+    import importlib
+
+    return importlib.import_module(f"pipelines.{RECIPE_MODULES.get(stage, stage)}")
+
+
 def resolve_inputs(store: RunStore, stage: str, cfg: StageConfig, accepted: dict[str, tuple[str, ...]],
                    optional: dict[str, tuple[str, ...]] | None = None) -> dict:
     """Required roles (`accepted`) must be given; `optional` roles are resolved when given."""
