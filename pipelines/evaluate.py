@@ -1,8 +1,14 @@
-"""evaluate: score every checkpoint in a model's lineage (one Ray task each) and compare them.
+"""evaluate: score a model (and, optionally, every checkpoint it descends from) and compare.
 
-For each model (e.g. pretrain -> sft -> dpo): perplexity on held-out text, exact-match on held-out tasks (per
-family), preference accuracy on held-out pairs, and side-by-side example answers (before/after, seed 000).
-`deltas` records each checkpoint's change over the previous one.
+Two kinds of scores, either or both in one run:
+- **lm-eval tasks** (`tasks:`): lm-evaluation-harness tasks, bundled ones by name or the user's YAML by path, run on
+  vLLM engines that are Ray actors (`raylm.harness`). The model and each `baselines` run answer the same documents;
+  the manifest keeps per task and metric the value, stderr and n (`metrics.tasks`), each baseline's scores, and the
+  difference to each baseline with a paired-bootstrap confidence interval (`metrics.deltas`); every scored sample
+  is in the `eval` artifact (`samples/<run>/<task>.jsonl`).
+- **Lineage metrics** (with a `dataset` input, the lifecycle's own): perplexity on held-out text, exact match per
+  task family, preference accuracy, and example answers side by side, for the model and (`lineage`) each earlier
+  checkpoint (one Ray task each); `deltas` records each checkpoint's change over the previous one.
 """
 from __future__ import annotations
 
@@ -13,12 +19,17 @@ import tempfile
 import pyarrow.parquet as pq
 import ray
 
-from raylm.config import StageConfig
+from typing import Any
+
+from pydantic import Field
+
+from raylm.config import ConfigError, StageConfig
 from raylm.runs import RunError, RunStore
 from raylm.stage import require_paths
 
 STAGE = "evaluate"
-INPUTS = {"model": ("model",), "dataset": ("dataset",)}
+INPUTS = {"model": ("model",)}
+OPTIONAL_INPUTS = {"dataset": ("dataset",)}
 
 
 class Config(StageConfig):
@@ -29,10 +40,39 @@ class Config(StageConfig):
     max_new_tokens: int = 8
     examples: int = 8
     num_gpus: float = 0  # per checkpoint being scored; >0 on GPU clusters (the model then runs on CUDA)
+    # lm-eval tasks: names (bundled or lm-eval's own) or YAML paths
+    tasks: list[str] = []
+    baselines: list[str] = []  # model runs (run id or latest/STAGE) scored on the same tasks and compared
+    limit: int | None = Field(None, gt=0)  # documents per task (None: all)
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own
+    apply_chat_template: bool = False  # render prompts with the model's chat template (instruct models)
+    engines: int = Field(1, ge=1)  # vLLM engine actors per model, spread over the cluster (data parallel)
+    tensor_parallel: int = Field(1, ge=1)  # GPUs per engine (with num_gpus > 0)
+    engine: dict[str, Any] = {}  # vLLM engine arguments (max_model_len, kv_cache_memory_bytes, dtype, ...)
+    batch_size: int = Field(256, ge=1)  # requests per engine call
+    # Score the model through a running OpenAI-compatible server (`raylm serve`, vLLM) instead of engines: its base
+    # URL (http://host:port or .../v1); the key, if it needs one, from $RAYLM_API_KEY. Baselines still use engines.
+    endpoint: str | None = None
+    endpoint_model: str | None = None  # the served model's name (default: the server's first)
+    bootstrap_resamples: int = Field(2000, ge=100)  # paired bootstrap of the deltas to baselines
+    stderr_bootstrap_iters: int = Field(1000, ge=0)  # lm-eval's bootstrap for metrics without a closed-form stderr
+    seed: int = 0
 
 
 def check(inputs, cfg: Config) -> None:
-    require_paths(STAGE, inputs["dataset"].uri, {"held-out text": "text_val", "held-out tasks": "tasks_test"})
+    if "dataset" not in inputs and not cfg.tasks:
+        raise ConfigError("evaluate: nothing to score; name lm-eval `tasks` or give inputs.dataset (lineage metrics)")
+    if "dataset" in inputs:
+        require_paths(STAGE, inputs["dataset"].uri, {"held-out text": "text_val", "held-out tasks": "tasks_test"})
+    if cfg.tasks:
+        from raylm.harness.run import check_tasks
+
+        check_tasks(cfg.tasks)
+    if cfg.baselines and not cfg.tasks:
+        raise ConfigError("evaluate: baselines are compared on lm-eval `tasks`; name some")
+    for ref in cfg.baselines:  # a baseline that is not a model run fails here, before the run exists
+        if RunStore(cfg.root).resolve("baseline", ref, ("model",)).run_id == inputs["model"].run_id:
+            raise ConfigError(f"evaluate: baselines: {ref} is the model being evaluated")
 
 
 @ray.remote(num_cpus=1)
@@ -68,6 +108,72 @@ def checkpoints(store: RunStore, run_id: str, whole_lineage: bool) -> list[tuple
 
 
 def body(run, inputs, cfg: Config) -> None:
+    local = run.local_dir("eval") or tempfile.mkdtemp()
+    if cfg.tasks:
+        score_tasks(run, inputs["model"], cfg, local)
+    if "dataset" in inputs:
+        score_lineage(run, inputs, cfg, local)
+    run.add_artifact("eval", "eval", run.upload(local, "eval"), meta={"tasks": cfg.tasks})
+
+
+def score_tasks(run, model, cfg: Config, local: str) -> None:
+    """The model and each baseline on the lm-eval tasks, one after the other on fresh engines; then the deltas."""
+    from raylm.harness.compare import task_deltas
+    from raylm.harness.report import task_table
+
+    baselines = [run.store.resolve("baseline", ref, ("model",)) for ref in cfg.baselines]
+    scored: dict[str, dict] = {}
+    for ref in [model, *baselines]:
+        with run.time(f"tasks_s/{ref.run_id}"):
+            scored[ref.run_id] = evaluate_model(ref.uri, cfg, via_endpoint=ref is model and bool(cfg.endpoint))
+        write_samples(os.path.join(local, "samples", ref.run_id), scored[ref.run_id])
+    mine = scored[model.run_id]
+    deltas = [{"baseline": b.run_id, **row}
+              for b in baselines
+              for row in task_deltas(samples_of(mine), samples_of(scored[b.run_id]), cfg.bootstrap_resamples, cfg.seed)]
+    table = task_table(model.run_id, mine, {b.run_id: scored[b.run_id] for b in baselines}, deltas)
+    with open(os.path.join(local, "tasks.md"), "w") as f:
+        f.write(table + "\n")
+    run.log_metrics({"tasks": summary(mine), "model_run": model.run_id,
+                     "baselines": {b.run_id: summary(scored[b.run_id]) for b in baselines},
+                     "task_deltas": deltas, "task_table": table})
+
+
+def evaluate_model(model_uri: str, cfg: Config, via_endpoint: bool = False) -> dict:
+    from raylm.harness.backend import RayVLLM, from_url, start_engines
+    from raylm.harness.run import evaluate
+
+    if via_endpoint:
+        lm = from_url(cfg.endpoint, model_uri, cfg.endpoint_model, os.environ.get("RAYLM_API_KEY"))
+    else:
+        engines = start_engines(model_uri, cfg.engines, cfg.engine, cfg.num_gpus, cfg.tensor_parallel)
+        lm = RayVLLM(model_uri, engines=engines, batch_size=cfg.batch_size)
+    try:
+        return evaluate(lm, cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                        bootstrap_iters=cfg.stderr_bootstrap_iters, apply_chat_template=cfg.apply_chat_template,
+                        seed=cfg.seed)
+    finally:
+        if not via_endpoint:
+            lm.shutdown()
+
+
+def samples_of(results: dict) -> dict[str, list[dict]]:
+    return {task: r.samples for task, r in results.items()}
+
+
+def summary(results: dict) -> dict:
+    return {task: {"metrics": r.metrics, "n": r.n, "num_fewshot": r.num_fewshot} for task, r in results.items()}
+
+
+def write_samples(folder: str, results: dict) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for task, r in results.items():
+        with open(os.path.join(folder, f"{task}.jsonl"), "w") as f:
+            for s in r.samples:
+                f.write(json.dumps(s, default=str) + "\n")
+
+
+def score_lineage(run, inputs, cfg: Config, local: str) -> None:
     data = inputs["dataset"].uri
     models = checkpoints(run.store, inputs["model"].run_id, cfg.lineage)
     with run.time("score_s"):
@@ -85,11 +191,9 @@ def body(run, inputs, cfg: Config) -> None:
         a, b = per_model[prev_id], per_model[cur_id]
         deltas.append({"from": prev_stage, "to": cur_stage, "from_run": prev_id, "to_run": cur_id,
                        **{k: round(b[k] - a[k], 4) for k in ("exact_match", "preference_accuracy", "perplexity")}})
-    local = run.local_dir("eval") or tempfile.mkdtemp()
     with open(os.path.join(local, "results.json"), "w") as f:
         json.dump({"models": per_model, "examples": examples, "deltas": deltas,
                    "predictions": {rid: res["predictions"] for (rid, _, _), res in zip(models, results)}}, f, indent=1)
-    run.add_artifact("eval", "eval", run.upload(local, "eval"), meta={"models": [m[0] for m in models]})
     final = per_model[models[-1][0]]
     run.log_metrics({"models": per_model, "deltas": deltas, "examples": examples,
                      "final_exact_match": final["exact_match"], "final_perplexity": final["perplexity"],

@@ -103,6 +103,29 @@ def curves(history: list[dict], title: str, reward_label: str = "implicit reward
     return _png(fig)
 
 
+def task_curve(rows: list[dict]) -> str:
+    """Continuous evaluation (`train.task_eval`): each task metric against the training step, and the table."""
+    scored = [r for r in rows if "error" not in r]
+    if not rows:
+        return ""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chart = ""
+    keys = sorted({k for r in scored for k in r if k != "step"})
+    if scored and keys:
+        fig, ax = plt.subplots(figsize=(5.5, 3))
+        for k in keys:
+            ax.plot([r["step"] for r in scored if r.get(k) is not None],
+                    [r[k] for r in scored if r.get(k) is not None], marker="o", label=k)
+        ax.set(title="lm-eval tasks during training", xlabel="step")
+        ax.legend(fontsize=7)
+        chart = img(_png(fig))
+    return f"<h3>Task scores during training (continuous evaluation)</h3>{chart}{grid(rows)}"
+
+
 def diagnosis_html(history: list[dict]) -> str:
     """The loss-curve diagnosis of a training run (label and seed 003's advice); empty without a loss history."""
     try:
@@ -283,7 +306,8 @@ def _training(m: Manifest, store: RunStore, title: str, **curve_kw) -> tuple[dic
              **pick(m.metrics, "stop_reason", "steps_run", "restarts", "resumed_from", "mfu", "peak_memory_bytes",
                     "device_hours")}
     history = store.history(m.run_id)
-    return schedule, setup, img(curves(history, title, **curve_kw)) + diagnosis_html(history)
+    return schedule, setup, (img(curves(history, title, **curve_kw)) + diagnosis_html(history)
+                             + task_curve(m.metrics.get("task_curve") or []))
 
 
 def section_pretrain(m: Manifest, store: RunStore) -> str:
@@ -508,7 +532,14 @@ def section_eval(m: Manifest) -> str:
     pref = [{"checkpoint": v["stage"], **{f: f"{a} ({v['mean_logp_margin_per_family'][f]:+.2f})" for f, a in
                                            v.get("preference_accuracy_per_family", {}).items()}}
             for v in x.get("models", {}).values()]
-    return (f"<h2>9. Evaluation</h2>{run_header(m)}<p>Held-out text perplexity, exact match on held-out tasks, "
+    tasks = ""
+    if x.get("task_table"):  # lm-eval tasks: value ± stderr, each baseline and the paired-bootstrap delta
+        tasks = (f"<h3>lm-eval tasks</h3><pre>{html.escape(x['task_table'])}</pre>"
+                 f"<p>Deltas: model minus baseline on the same documents, 95% paired-bootstrap interval; "
+                 f"* marks an interval that excludes 0.</p>")
+    if not x.get("models"):
+        return f"<h2>9. Evaluation</h2>{run_header(m)}{tasks}"
+    return (f"<h2>9. Evaluation</h2>{run_header(m)}{tasks}<p>Held-out text perplexity, exact match on held-out tasks, "
             f"preference accuracy (correct answer more likely than the wrong one).</p>{grid(rows)}"
             f"<h3>Change over the previous checkpoint</h3>{grid(x.get('deltas', []))}"
             f"<h3>Exact match per task family</h3>{grid(fams)}{img(radar(x.get('models', {})))}"

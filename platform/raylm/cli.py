@@ -105,6 +105,28 @@ def cmd_import(args) -> None:
     console.say(run_id)
 
 
+def cmd_eval(args) -> None:
+    """A one-shot `evaluate` run on lm-eval tasks; a local HF directory or GGUF file is imported first."""
+    from pipelines import evaluate
+    from raylm.stage import execute
+
+    root, model = _root(args), args.model
+    if os.path.isdir(model) or model.endswith(".gguf"):
+        from pipelines import import_model
+
+        model = execute(import_model, load_config(import_model.Config, None, [f"root={root}", f"source={model}"]))
+        console.say(f"imported {args.model} as run {model}")
+    tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+    overrides = [f"root={root}", f"inputs.model={model}", f"tasks={json.dumps(tasks)}",
+                 f"baselines={json.dumps(args.baseline or [])}"]
+    overrides += [f"limit={args.limit}"] if args.limit else []
+    overrides += [f"num_fewshot={args.num_fewshot}"] if args.num_fewshot is not None else []
+    cfg = load_config(evaluate.Config, args.config, overrides + list(args.overrides))
+    run_id = execute(evaluate, cfg)
+    console.say(RunStore(root).load(run_id).metrics["task_table"])
+    console.say(f"evaluate run {run_id}; samples: {RunStore(root).uri(run_id, 'eval', 'samples')}")
+
+
 def cmd_serve(args) -> None:
     from serve.main import main as serve_main
 
@@ -179,6 +201,16 @@ def parser() -> argparse.ArgumentParser:
                    help="weights dtype (auto: an HF directory as stored, a GGUF dequantized to float32)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the import config")
     p.set_defaults(fn=cmd_import)
+    p = add("eval", help="score a model on lm-eval tasks (names or YAML paths), against baselines",
+            parents=[common, verbose])
+    p.add_argument("model", help="run id, latest/STAGE, a local HF directory or a .gguf file (imported first)")
+    p.add_argument("--tasks", action="append", required=True, help="task names or YAML paths, comma-separated")
+    p.add_argument("--baseline", action="append", help="a model run to compare with (repeatable)")
+    p.add_argument("--limit", type=int, help="documents per task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--config", help="evaluate YAML for everything else (engines, engine, apply_chat_template, ...)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the evaluate config")
+    p.set_defaults(fn=cmd_eval)
     p = add("serve", help="serve a model (run id, latest/STAGE or HF dir) on an OpenAI-compatible endpoint")
     p.add_argument("model", nargs="?", help="run id, latest/STAGE or a local HF directory (or ab.versions in config)")
     p.add_argument("--config", help="endpoint YAML (serve/configs/)")

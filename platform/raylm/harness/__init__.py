@@ -1,0 +1,1 @@
+"""Evaluation on the field's benchmarks: lm-evaluation-harness tasks on raylm's vLLM engines (Ray actors)."""
