@@ -16,3 +16,16 @@ class WeightSyncExtension:
         state = load_file(path)
         self.model_runner.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
+
+    def raylm_load_checkpoint(self, model_dir: str) -> int:
+        """Every safetensors shard of a saved model directory, in one reload (continuous evaluation's snapshots)."""
+        import glob
+        import os
+
+        from safetensors.torch import load_file
+
+        state: dict = {}
+        for f in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+            state.update(load_file(f))
+        self.model_runner.reload_weights(weights_iterator=iter(state.items()))
+        return len(state)

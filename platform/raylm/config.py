@@ -184,6 +184,31 @@ class EarlyStopping(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
+class TaskEvalSpec(Section):
+    """Continuous evaluation (raylm.harness.continuous): score snapshots on lm-eval tasks every `every` steps and
+    at the end, while training goes on; the curve lands in the run's metrics (`task_curve`) and its report."""
+
+    tasks: list[str] = []  # task names or YAML paths, as for `evaluate`
+    every: int = Field(0, ge=0)  # steps between snapshots (0: off)
+    limit: int | None = Field(None, gt=0)  # documents per task
+    num_fewshot: int | None = Field(None, ge=0)
+    apply_chat_template: bool = False
+    engine: dict[str, Any] = {}  # vLLM engine arguments
+
+    @model_validator(mode="after")
+    def _tasks_when_on(self) -> "TaskEvalSpec":
+        if self.every and not self.tasks:
+            raise ValueError("task_eval.every is set but task_eval.tasks is empty: name the tasks to score")
+        if self.every and self.tasks:
+            from raylm.harness.run import check_tasks
+
+            try:
+                check_tasks(self.tasks)
+            except ConfigError as exc:
+                raise ValueError(f"task_eval.{exc}") from None
+        return self
+
+
 class TrainSpec(Section):
     max_steps: int = 100
     batch_size: int = 16  # per worker
@@ -198,6 +223,7 @@ class TrainSpec(Section):
     checkpoint_every: int = Field(0, ge=0)  # steps between resumable sharded checkpoints (0: only at the end)
     stop_at: int | None = Field(None, ge=1)  # stop at this step (schedule still planned for max_steps): resume later
     early_stopping: EarlyStopping | None = None
+    task_eval: TaskEvalSpec = TaskEvalSpec()
 
 
 class StageConfig(Section):

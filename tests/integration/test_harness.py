@@ -199,3 +199,52 @@ def test_smollm2_scores_equal_lm_evals_hf_backend(smollm2_import, ray_cluster, m
     by_doc = lambda r, t: [(s["doc_id"], s["answer"]) for s in sorted(r[t].samples, key=lambda s: s["doc_id"])]
     assert by_doc(ours, "abcd_quiz") == by_doc(theirs, "abcd_quiz")  # the same pick on every question
     assert sum(a == b for a, b in zip(by_doc(ours, "sums_regex"), by_doc(theirs, "sums_regex"))) >= 19
+
+
+def test_training_scores_its_snapshots_on_tasks_while_it_trains(models, ray_cluster, tmp_path):
+    """Continuous evaluation: an SFT run with `train.task_eval` scores snapshots every 2 steps and at the end on one
+    engine (later snapshots reloaded in place); the curve is in the manifest, and its last point equals a fresh
+    engine's score of the exported model (the reload delivered the weights)."""
+    import pandas as pd
+
+    from pipelines import sft
+    from raylm.config import load_config
+    from raylm.runs import RunStore
+    from raylm.stage import execute
+
+    store = RunStore(tmp_path / "runs")
+    model = _model_run(store, models["random"], "random")
+    rows = [{"instruction": f"What is the capital of {c}?", "input": "", "output": a}
+            for c, a in (("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima"))] * 8
+    for split in ("tasks_train", "tasks_test"):
+        os.makedirs(tmp_path / "data" / split)
+        pd.DataFrame(rows).to_parquet(tmp_path / "data" / split / "part.parquet")
+    with store.start_run("curate", {}) as run:
+        run.add_artifact("dataset", "dataset", str(tmp_path / "data"))
+    cfg = load_config(sft.Config, None, [
+        f"root={store.root}", f"inputs.model={model}", f"inputs.dataset={run.id}", "resources.num_workers=1",
+        "train.max_steps=4", "train.batch_size=8", "train.eval_every=4", "optim.warmup_steps=0", "lora.rank=4",
+        f"train.task_eval.tasks=[{_task(models, 'abcd_quiz')},{_task(models, 'prose_rolling')}]",
+        "train.task_eval.every=2", "train.task_eval.limit=8",
+        f"train.task_eval.engine={json.dumps(ENGINE)}"])
+    m = store.load(execute(sft, cfg))
+    curve = m.metrics["task_curve"]
+    assert [r["step"] for r in curve] == [2, 4], curve
+    assert all(0 <= r["abcd_quiz/acc"] <= 1 and "error" not in r for r in curve)
+    bpb = [r["prose_rolling/bits_per_byte"] for r in curve]
+    assert bpb[0] != bpb[1]  # the second snapshot is scored on its own weights, not the first one's
+    from raylm.harness.backend import RayVLLM
+    from raylm.harness.run import evaluate
+
+    fresh = RayVLLM(m.output(kind="model").uri, engine_kwargs=ENGINE)
+    try:
+        final = evaluate(fresh, [_task(models, "prose_rolling")])["prose_rolling"].metrics["bits_per_byte"]["value"]
+    finally:
+        fresh.shutdown()
+    assert final == pytest.approx(bpb[1], rel=1e-5)
+    # a task name nobody has fails at config time, naming the key
+    from raylm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="task_eval"):
+        load_config(sft.Config, None, [f"root={store.root}", "train.task_eval.tasks=[no_such_task_x]",
+                                       "train.task_eval.every=2"])

@@ -27,6 +27,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from raylm.runs import local_path
 
 # The CPU defaults: float32, eager, an explicit KV-cache size (a fraction of host memory fails on small machines).
+WEIGHT_EXT = "serve.weight_ext.WeightSyncExtension"  # in-place weight reload (serve/weight_ext.py)
 CPU_ENGINE = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 512 << 20, "max_num_seqs": 64,
               "seed": 0}
 
@@ -40,6 +41,13 @@ class Engine:
         from vllm import LLM
 
         self.llm = LLM(model=model_dir, **engine_kwargs)
+
+    def load_checkpoint(self, model_dir: str) -> int:
+        """New weights of the same architecture, in place (needs `worker_extension_cls=WEIGHT_EXT`): a training
+        run's next snapshot without a new engine."""
+        n = self.llm.collective_rpc("raylm_load_checkpoint", args=(model_dir,))[0]
+        self.llm.reset_prefix_cache()  # cached blocks hold the old weights' keys and values
+        return n
 
     def max_model_len(self) -> int:
         return self.llm.llm_engine.model_config.max_model_len

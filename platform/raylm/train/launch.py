@@ -9,7 +9,10 @@ import fsspec
 from ray.train import DataConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+import ray
+
 from raylm.config import ResourcesSpec
+from raylm.harness import continuous
 from raylm.runs import RunError
 from raylm.train import hooks
 from raylm.train.loop import train_loop_per_worker
@@ -61,6 +64,10 @@ def fit(job: dict, datasets: dict, resources: ResourcesSpec, storage_uri: str, n
            **hooks.job_flags()}
     if resume_from is not None and job.get("resume_from") is None:
         job["resume_from"] = resume_from
+    evaluator = None
+    if continuous.due(job["train"].get("task_eval"), 0, True):  # scores snapshots on lm-eval tasks as it trains
+        actor_name, evaluator = continuous.start(job["train"]["task_eval"])
+        job["task_eval"] = {**job["train"]["task_eval"], "actor": actor_name}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job,
@@ -70,9 +77,17 @@ def fit(job: dict, datasets: dict, resources: ResourcesSpec, storage_uri: str, n
         datasets=datasets,
         dataset_config=FixedShards(),
     )
-    with _env_default("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S):  # read when fit starts the controller
-        result = trainer.fit()
-    return read_result(result)
+    try:
+        with _env_default("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S):  # read when fit starts the controller
+            result = trainer.fit()
+        out = read_result(result)
+    except BaseException:
+        if evaluator is not None:
+            ray.kill(evaluator)
+        raise
+    if evaluator is not None:
+        out["task_curve"] = continuous.finish(evaluator)
+    return out
 
 
 def read_result(result) -> dict:
@@ -108,6 +123,8 @@ def train_facts(out: dict, cfg) -> dict:
                  activation_checkpointing=cfg.train.activation_checkpointing,
                  tokens_per_step=cfg.train.batch_size * cfg.train.grad_accum * cfg.resources.num_workers
                  * cfg.train.seq_len)
+    if out.get("task_curve"):
+        facts["task_curve"] = out["task_curve"]
     return facts
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from raylm import console
+from raylm.harness import continuous
 from raylm.models import flops_per_token, load_tokenizer, param_count
 from raylm.train import backends
 from raylm.train.schedules import lr_at
@@ -319,6 +320,8 @@ def train_loop_per_worker(job: dict) -> None:
         last = step == stop_at - 1
         want_ckpt = bool(every) and (step + 1) % every == 0 and not last
         do_eval = val_shard is not None and ((step + 1) % tc["eval_every"] == 0 or last or step == 0)
+        if job.get("task_eval") and continuous.due(job["task_eval"], step, last):
+            continuous.snapshot(job, backend, tokenizer, rank, step + 1)
         if not (step % tc["log_every"] == 0 or last or do_eval or want_ckpt):
             continue
         n = step - last_logged
