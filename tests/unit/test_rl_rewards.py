@@ -67,6 +67,12 @@ def test_code_tests_passes_correct_and_fails_wrong():
         R.REWARDS["code_tests"]("p", "print(1)", {"answer": ""})
 
 
+@pytest.mark.parametrize("escape", ["import sys\nsys.exit(0)", "exit()", "import os\nos._exit(0)"])
+def test_code_tests_gives_no_reward_for_exiting_before_the_asserts(escape):
+    record = {"tests": "assert add(2, 3) == 5"}
+    assert R.code_tests("", f"def add(a, b):\n    return a - b\n{escape}\n", record) == 0.0  # a reward hack
+
+
 @pytest.mark.skipif(R.resource is None, reason="no RLIMIT_AS here")
 def test_code_tests_memory_limit_fails_a_huge_allocation():
     record = {"answer": "", "tests": "assert len(x) > 0"}

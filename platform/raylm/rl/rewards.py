@@ -109,12 +109,13 @@ def code_tests(prompt: str, response: str, record: dict, timeout: float = 5.0, m
     The program runs in `raylm.sandbox` (shared with the evaluation harness's pass@k): `sys.executable -I`
     (isolated: no user site, no PYTHON* variables) in a fresh temporary directory, stdout discarded, address space
     limited to `memory_mb` (where RLIMIT_AS is supported), in its own process group. Past `timeout` seconds the
-    whole group is killed and `RewardTimeout` is raised.
+    whole group is killed and `RewardTimeout` is raised. Strict: a program that exits (status 0) before the
+    asserts have run scores 0, or a policy would learn to `sys.exit(0)` for full reward.
     """
     if not str(record.get("tests") or "").strip():  # running the answer with no asserts would reward any program
         raise ValueError("code_tests: the record has no `tests` to run")
     program = extract_code(response).rstrip() + "\n\n" + str(record["tests"]) + "\n"
-    result = sandbox.run_program(program, timeout=timeout, memory_mb=memory_mb)
+    result = sandbox.run_program(program, timeout=timeout, memory_mb=memory_mb, strict=True)
     if result.status == "timeout":
         raise RewardTimeout(f"program ran past {timeout}s")
     return 1.0 if result.passed else 0.0
