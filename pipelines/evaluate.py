@@ -6,9 +6,13 @@ Two kinds of scores, either or both in one run:
   the manifest keeps per task and metric the value, stderr and n (`metrics.tasks`), each baseline's scores, and the
   difference to each baseline with a paired-bootstrap confidence interval (`metrics.deltas`); every scored sample
   is in the `eval` artifact (`samples/<run>/<task>.jsonl`).
-- **Lineage metrics** (with a `dataset` input, the lifecycle's own): perplexity on held-out text, exact match per
-  task family, preference accuracy, and example answers side by side, for the model and (`lineage`) each earlier
-  checkpoint (one Ray task each); `deltas` records each checkpoint's change over the previous one.
+  With a `dataset` input the bundled `raylm_lifecycle` tasks (`raylm_heldout`, `raylm_exact_match`,
+  `raylm_preference`: the lineage metrics below as lm-eval tasks) read it (the harness passes its URI as the
+  tasks' metadata `dataset`).
+- **Lineage metrics** (with a `dataset` input, the lifecycle's own; `lineage_metrics: false` skips them):
+  perplexity on held-out text, exact match per task family, preference accuracy, and example answers side by side,
+  for the model and (`lineage`) each earlier checkpoint (one Ray task each); `deltas` records each checkpoint's
+  change over the previous one.
 """
 from __future__ import annotations
 
@@ -28,12 +32,14 @@ from raylm.runs import RunError, RunStore
 from raylm.stage import require_paths
 
 STAGE = "evaluate"
+LIFECYCLE_TASKS = {"raylm_lifecycle", "raylm_heldout", "raylm_exact_match", "raylm_preference"}
 INPUTS = {"model": ("model",)}
 OPTIONAL_INPUTS = {"dataset": ("dataset",)}
 
 
 class Config(StageConfig):
     lineage: bool = True  # also score every earlier checkpoint the model descends from
+    lineage_metrics: bool = True  # with a dataset input: the PyTorch lineage metrics (false: it only feeds tasks)
     max_tasks: int = 200
     max_text_blocks: int = 128
     seq_len: int = 128
@@ -60,14 +66,18 @@ class Config(StageConfig):
 
 
 def check(inputs, cfg: Config) -> None:
-    if "dataset" not in inputs and not cfg.tasks:
+    if not cfg.tasks and ("dataset" not in inputs or not cfg.lineage_metrics):
         raise ConfigError("evaluate: nothing to score; name lm-eval `tasks` or give inputs.dataset (lineage metrics)")
     if "dataset" in inputs:
         require_paths(STAGE, inputs["dataset"].uri, {"held-out text": "text_val", "held-out tasks": "tasks_test"})
     if cfg.tasks:
-        from raylm.harness.run import check_tasks
+        from raylm.harness.run import check_tasks, task_names
 
         check_tasks(cfg.tasks)
+        lifecycle = sorted(set(task_names(cfg.tasks)[0]) & LIFECYCLE_TASKS)
+        if lifecycle and "dataset" not in inputs:
+            raise ConfigError(f"evaluate: tasks {', '.join(lifecycle)} read the lifecycle's held-out data; give "
+                              "inputs.dataset (a curate or taskset run, e.g. latest/curate)")
     if cfg.baselines and not cfg.tasks:
         raise ConfigError("evaluate: baselines are compared on lm-eval `tasks`; name some")
     for ref in cfg.baselines:  # a baseline that is not a model run fails here, before the run exists
@@ -110,14 +120,15 @@ def checkpoints(store: RunStore, run_id: str, whole_lineage: bool) -> list[tuple
 def body(run, inputs, cfg: Config) -> None:
     local = run.local_dir("eval") or tempfile.mkdtemp()
     if cfg.tasks:
-        score_tasks(run, inputs["model"], cfg, local)
-    if "dataset" in inputs:
+        score_tasks(run, inputs["model"], cfg, local, inputs["dataset"].uri if "dataset" in inputs else None)
+    if "dataset" in inputs and cfg.lineage_metrics:
         score_lineage(run, inputs, cfg, local)
     run.add_artifact("eval", "eval", run.upload(local, "eval"), meta={"tasks": cfg.tasks})
 
 
-def score_tasks(run, model, cfg: Config, local: str) -> None:
-    """The model and each baseline on the lm-eval tasks, one after the other on fresh engines; then the deltas."""
+def score_tasks(run, model, cfg: Config, local: str, dataset: str | None = None) -> None:
+    """The model and each baseline on the lm-eval tasks, one after the other on fresh engines; then the deltas.
+    `dataset`: the dataset input's URI, the metadata `dataset` of the raylm_lifecycle tasks."""
     from raylm.harness.compare import task_deltas
     from raylm.harness.report import task_table
 
@@ -125,7 +136,8 @@ def score_tasks(run, model, cfg: Config, local: str) -> None:
     scored: dict[str, dict] = {}
     for ref in [model, *baselines]:
         with run.time(f"tasks_s/{ref.run_id}"):
-            scored[ref.run_id] = evaluate_model(ref.uri, cfg, via_endpoint=ref is model and bool(cfg.endpoint))
+            scored[ref.run_id] = evaluate_model(ref.uri, cfg, via_endpoint=ref is model and bool(cfg.endpoint),
+                                                metadata={"dataset": dataset} if dataset else None)
         write_samples(os.path.join(local, "samples", ref.run_id), scored[ref.run_id])
     mine = scored[model.run_id]
     deltas = [{"baseline": b.run_id, **row}
@@ -139,7 +151,7 @@ def score_tasks(run, model, cfg: Config, local: str) -> None:
                      "task_deltas": deltas, "task_table": table})
 
 
-def evaluate_model(model_uri: str, cfg: Config, via_endpoint: bool = False) -> dict:
+def evaluate_model(model_uri: str, cfg: Config, via_endpoint: bool = False, metadata: dict | None = None) -> dict:
     from raylm.harness.backend import RayVLLM, from_url, start_engines
     from raylm.harness.run import evaluate
 
@@ -151,7 +163,7 @@ def evaluate_model(model_uri: str, cfg: Config, via_endpoint: bool = False) -> d
     try:
         return evaluate(lm, cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                         bootstrap_iters=cfg.stderr_bootstrap_iters, apply_chat_template=cfg.apply_chat_template,
-                        seed=cfg.seed)
+                        seed=cfg.seed, metadata=metadata)
     finally:
         if not via_endpoint:
             lm.shutdown()

@@ -248,3 +248,74 @@ def test_training_scores_its_snapshots_on_tasks_while_it_trains(models, ray_clus
     with pytest.raises(ConfigError, match="task_eval"):
         load_config(sft.Config, None, [f"root={store.root}", "train.task_eval.tasks=[no_such_task_x]",
                                        "train.task_eval.every=2"])
+
+
+def test_the_lifecycle_metrics_as_bundled_tasks_agree_with_raylm_eval(models, engines, ray_cluster, tmp_path):
+    """raylm_heldout / raylm_exact_match / raylm_preference on a tiny lifecycle dataset, scored by the uniform model
+    (every token at 1/V): bits per byte and token perplexity in closed form, preference accuracy and exact match
+    equal to raylm.eval's on the same rows (ties count as wrong in both), per family too."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import evaluate as stage
+    from raylm import eval as E
+    from raylm.config import ConfigError, load_config
+    from raylm.harness.run import evaluate
+    from raylm.models import load_model, load_tokenizer
+    from raylm.runs import RunStore
+    from raylm.stage import execute
+
+    texts = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris, of course.",
+             "Answer: A B C D\nAnswer: B"]
+    rows = [dict(id=f"{f}-{i}", family=f, prompt=p, answer=a, wrong=w, split="test") for i, (f, p, a, w) in enumerate(
+        [("add", "What is 2 plus 4?", "6", "4"), ("add", "What is 9 plus 5?", "14", "13"),
+         ("add", "What is 7 plus 3?", "10", "8"), ("parity", "Is 12 even or odd?", "even", "odd"),
+         ("parity", "Is 7 even or odd?", "odd", "even"), ("parity", "Is 31 even or odd?", "odd", "odd or even")])]
+    data = tmp_path / "data"
+    for split, recs in (("text_val", [{"id": str(i), "text": t} for i, t in enumerate(texts)]), ("tasks_test", rows)):
+        (data / split).mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(recs), data / split / "part-0.parquet")
+    with pytest.raises(ValueError, match="no dataset.*metadata key 'dataset'"):
+        evaluate(engines["uniform"], ["raylm_heldout"])
+    res = evaluate(engines["uniform"], ["raylm_lifecycle"], metadata={"dataset": str(data)})
+    assert set(res) == {"raylm_heldout", "raylm_exact_match", "raylm_preference"}
+    tok = models["tokenizer"]
+    n_tokens, n_bytes = sum(len(tok.encode(t)) for t in texts), sum(len(t.encode()) for t in texts)
+    held = res["raylm_heldout"].metrics
+    assert held["bits_per_byte"]["value"] == pytest.approx(n_tokens * math.log2(len(tok)) / n_bytes, rel=1e-4)
+    assert held["token_perplexity"]["value"] == pytest.approx(len(tok), rel=1e-4)
+
+    model, hf_tok = load_model(models["uniform"]).eval(), load_tokenizer(models["uniform"])
+    ref = E.preference_accuracy(model, hf_tok, rows)
+    pref = res["raylm_preference"].metrics
+    assert 0 < ref["preference_accuracy"] < 1  # the rows hold wins, losses and ties
+    assert pref["acc"]["value"] == pytest.approx(ref["preference_accuracy"], abs=1e-4)  # raylm.eval rounds to 4
+    assert pref["logp_margin"]["value"] == pytest.approx(ref["mean_logp_margin"], abs=1e-3)
+    for family, acc in ref["preference_accuracy_per_family"].items():
+        assert pref[f"acc_{family}"]["value"] == pytest.approx(acc, abs=1e-4)
+    assert pref["acc"]["stderr"] > 0 and res["raylm_preference"].n == len(rows)
+    em, ref_em = res["raylm_exact_match"], E.exact_match(model, hf_tok, rows, 8)
+    assert em.metrics["exact_match"]["value"] == ref_em["exact_match"] == 0
+    assert {k for k in em.metrics if k.startswith("exact_match_")} == {"exact_match_add", "exact_match_parity"}
+    answers = [s["response"].strip() for s in sorted(em.samples, key=lambda s: s["doc_id"])]
+    assert answers == ref_em["predictions"]
+    assert em.samples[0]["prompt"] == hf_tok.apply_chat_template(
+        [{"role": "user", "content": rows[0]["prompt"]}], add_generation_prompt=True, tokenize=False)
+    # against a baseline (the random model): deltas with paired-bootstrap intervals, corpus-level for bits per byte
+    from raylm.harness.compare import task_deltas
+
+    base = evaluate(engines["random"], ["raylm_heldout", "raylm_preference"], metadata={"dataset": str(data)})
+    deltas = {(d["task"], d["metric"]): d for d in task_deltas({t: r.samples for t, r in res.items()},
+                                                               {t: r.samples for t, r in base.items()}, 500)}
+    bpb = deltas[("raylm_heldout", "bits_per_byte")]
+    assert bpb["n"] == len(texts) and bpb["ci_low"] <= bpb["delta"] <= bpb["ci_high"]
+    assert bpb["delta"] == pytest.approx(held["bits_per_byte"]["value"]
+                                         - base["raylm_heldout"].metrics["bits_per_byte"]["value"], abs=1e-5)
+    assert deltas[("raylm_preference", "acc")]["n"] == len(rows) and deltas[("raylm_preference", "acc_add")]["n"] == 3
+    # the evaluate stage refuses these tasks without a dataset input, before any run exists
+    store = RunStore(tmp_path / "runs")
+    model_run = _model_run(store, models["uniform"], "uniform")
+    cfg = load_config(stage.Config, None, [f"root={store.root}", f"inputs.model={model_run}",
+                                           "tasks=[raylm_preference]"])
+    with pytest.raises(ConfigError, match="inputs.dataset"):
+        execute(stage, cfg)

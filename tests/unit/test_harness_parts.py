@@ -35,6 +35,25 @@ def test_task_deltas_pair_documents_by_id_and_filter():
     assert rows[("gen", "acc,strict")]["delta"] == 0.5
 
 
+def test_corpus_metrics_are_compared_as_corpus_values():
+    """bits per byte and perplexities are functions of summed (log-likelihood, count), not per-document means."""
+    import math
+
+    def samples(pairs):
+        return [{"doc_id": i, "filter": "none", "scores": {"bits_per_byte": list(p), "word_perplexity": list(p),
+                                                            "acc": 1.0}} for i, p in enumerate(pairs)]
+
+    base = [(-100.0, 50), (-10.0, 100), (-30.0, 10)] * 10
+    mine = [(ll * 0.9, n) for ll, n in base]  # 10% less surprised on every document
+    rows = {r["metric"]: r for r in task_deltas({"t": samples(mine)}, {"t": samples(base)}, resamples=500)}
+    bpb = lambda pairs: -sum(p[0] for p in pairs) / sum(p[1] for p in pairs) / math.log(2)
+    assert rows["bits_per_byte"]["delta"] == pytest.approx(bpb(mine) - bpb(base), abs=1e-6)
+    assert rows["bits_per_byte"]["ci_high"] < 0 and rows["bits_per_byte"]["p_not_better"] == 0.0
+    ppl = lambda pairs: math.exp(-sum(p[0] for p in pairs) / sum(p[1] for p in pairs))
+    assert rows["word_perplexity"]["delta"] == pytest.approx(ppl(mine) - ppl(base), abs=1e-5)
+    assert rows["acc"]["delta"] == 0 and rows["bits_per_byte"]["n"] == 30
+
+
 def test_task_specs_names_and_yaml_paths(tmp_path):
     y = tmp_path / "mine.yaml"
     y.write_text("task: my_task\nprocess_results: !function utils.process_results\n")
