@@ -53,6 +53,7 @@ class Config(StageConfig):
     num_fewshot: int | None = Field(None, ge=0)  # None: each task's own
     apply_chat_template: bool = False  # render prompts with the model's chat template (instruct models)
     engines: int = Field(1, ge=1)  # vLLM engine actors per model, spread over the cluster (data parallel)
+    cpus_per_engine: float = Field(1, gt=0)  # Ray CPUs per engine; on CPU nodes also its thread count
     tensor_parallel: int = Field(1, ge=1)  # GPUs per engine (with num_gpus > 0)
     engine: dict[str, Any] = {}  # vLLM engine arguments (max_model_len, kv_cache_memory_bytes, dtype, ...)
     batch_size: int = Field(256, ge=1)  # requests per engine call
@@ -158,7 +159,8 @@ def evaluate_model(model_uri: str, cfg: Config, via_endpoint: bool = False, meta
     if via_endpoint:
         lm = from_url(cfg.endpoint, model_uri, cfg.endpoint_model, os.environ.get("RAYLM_API_KEY"))
     else:
-        engines = start_engines(model_uri, cfg.engines, cfg.engine, cfg.num_gpus, cfg.tensor_parallel)
+        engines = start_engines(model_uri, cfg.engines, cfg.engine, cfg.num_gpus, cfg.tensor_parallel,
+                                cpus=cfg.cpus_per_engine)
         lm = RayVLLM(model_uri, engines=engines, batch_size=cfg.batch_size)
     try:
         return evaluate(lm, cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,

@@ -27,6 +27,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from raylm.runs import local_path
 
 # The CPU defaults: float32, eager, an explicit KV-cache size (a fraction of host memory fails on small machines).
+MAX_CANDIDATES = 128  # vLLM's bound on SamplingParams.logprob_token_ids
 WEIGHT_EXT = "serve.weight_ext.WeightSyncExtension"  # in-place weight reload (serve/weight_ext.py)
 CPU_ENGINE = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 512 << 20, "max_num_seqs": 64,
               "seed": 0}
@@ -59,6 +60,16 @@ class Engine:
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in inputs], sp, use_tqdm=False)
         return [_continuation_logprob(t, o.prompt_logprobs, c) for t, o, c in zip(inputs, outs, ctxlens)]
 
+    def next_token(self, contexts: list[list[int]], candidates: list[list[int]]) -> list[tuple[dict, int]]:
+        """For each context, the log-probs of its candidate next tokens and the greedy next token: one decode step
+        per context instead of one prompt pass per (context, candidate) pair."""
+        from vllm import SamplingParams, TokensPrompt
+
+        sps = [SamplingParams(temperature=0, max_tokens=1, logprob_token_ids=c, detokenize=False) for c in candidates]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in contexts], sps, use_tqdm=False)
+        return [({k: getattr(v, "logprob", v) for k, v in o.outputs[0].logprobs[0].items()}, o.outputs[0].token_ids[0])
+                for o in outs]
+
     def generate(self, inputs: list[list[int]], params: list[dict]) -> list[str]:
         from vllm import SamplingParams, TokensPrompt
 
@@ -81,14 +92,15 @@ def _continuation_logprob(tokens: list[int], prompt_logprobs: list, ctxlen: int)
 
 
 def start_engines(model_dir: str, engines: int = 1, engine_kwargs: dict | None = None, num_gpus: float = 0,
-                  tensor_parallel: int = 1, wait: bool = True) -> list:
+                  tensor_parallel: int = 1, wait: bool = True, cpus: float = 1) -> list:
     """`engines` actors, spread over the cluster's nodes; on GPU each takes `tensor_parallel` GPUs. `wait=False`
-    returns at once (start several models' engines together; the first call on them waits)."""
+    returns at once (start several models' engines together; the first call on them waits). `cpus` per engine:
+    on CPU it is also the engine's thread count (Ray sets OMP_NUM_THREADS to an actor's CPUs)."""
     kwargs = {**({} if num_gpus else CPU_ENGINE), **(engine_kwargs or {})}
     if tensor_parallel > 1:
         kwargs["tensor_parallel_size"] = tensor_parallel
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if not num_gpus else {}
-    opts: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD", "runtime_env": {"env_vars": env}}
+    opts: dict[str, Any] = {"num_cpus": cpus, "scheduling_strategy": "SPREAD", "runtime_env": {"env_vars": env}}
     if num_gpus:
         opts["num_gpus"] = num_gpus * tensor_parallel
     actors = [Engine.options(**opts).remote(local_path(model_dir), kwargs) for _ in range(engines)]
@@ -169,13 +181,28 @@ class RayVLLM(TemplateLM):
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """Single-token continuations (letter choices, yes/no) are grouped by context and scored from one decode
+        step each (`Engine.next_token`): the same log-softmax, without a prompt pass per choice (vLLM does not
+        reuse cached prefixes for prompt log-probs). Everything else: prompt log-probs of context + continuation."""
         max_ctx = self.max_length - 1  # vLLM needs room for one generated token
-        inputs, ctxlens = [], []
-        for _, context_enc, continuation_enc in requests:
-            whole = (context_enc + continuation_enc)[-max_ctx:]
-            inputs.append(whole)
-            ctxlens.append(len(context_enc) - max(0, len(context_enc) + len(continuation_enc) - max_ctx))
-        out = self._deal("loglikelihood", inputs, ctxlens)
+        out: list = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            if len(continuation_enc) == 1 and len(context_enc) < max_ctx:
+                groups.setdefault(tuple(context_enc), []).append(i)
+        if groups:
+            candidates = [sorted({requests[i][2][0] for i in members})[:MAX_CANDIDATES] for members in groups.values()]
+            scored = self._deal("next_token", [list(c) for c in groups], candidates)
+            for members, (logprobs, greedy) in zip(groups.values(), scored):
+                for i in members:
+                    tok = requests[i][2][0]
+                    out[i] = (logprobs[tok], greedy == tok) if tok in logprobs else None
+        rest = [i for i, r in enumerate(out) if r is None]  # longer continuations (or over 128 candidates)
+        if rest:
+            inputs = [(requests[i][1] + requests[i][2])[-max_ctx:] for i in rest]
+            ctxlens = [len(requests[i][1]) - max(0, len(requests[i][1]) + len(requests[i][2]) - max_ctx) for i in rest]
+            for i, res in zip(rest, self._deal("loglikelihood", inputs, ctxlens)):
+                out[i] = res
         for (key, _, _), res in zip(requests, out):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)
