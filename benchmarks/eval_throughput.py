@@ -48,9 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("RAYLM_BENCH_CACHE", "/tmp/raylm-bench"))
 ENGINE = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 512 << 20, "max_num_seqs": 64,
           "max_model_len": 1024, "seed": 0}
-BACKENDS = ["hf", "vllm", "raylm1", "raylm2"]
+BACKENDS = ["hf", "vllm", "raylm1", "raylm2", "raylm1t2"]
 LABEL = {"hf": "lm-eval hf", "vllm": "lm-eval vllm (1 engine)", "raylm1": "raylm RayVLLM, 1 engine",
-         "raylm2": "raylm RayVLLM, 2 engines"}
+         "raylm2": "raylm RayVLLM, 2 engines", "raylm1t2": "raylm RayVLLM, 1 engine x 2 CPUs"}
 
 
 # ------------------------------------------------------------------ model and tasks
@@ -239,7 +239,8 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         from raylm.harness.backend import RayVLLM
 
-        lm = RayVLLM(args.model, n_engines=int(args.worker[len("raylm"):]), engine_kwargs=engine)
+        n, _, threads = args.worker[len("raylm"):].partition("t")  # raylm2: 2 engines; raylm1t2: 1 engine, 2 CPUs
+        lm = RayVLLM(args.model, n_engines=int(n), engine_kwargs=engine, cpus_per_engine=int(threads or 1))
     out["startup_s"] = time.perf_counter() - t0
 
     import torch

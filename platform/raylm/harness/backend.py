@@ -116,13 +116,14 @@ class RayVLLM(TemplateLM):
 
     def __init__(self, pretrained: str, engines: list | None = None, n_engines: int = 1,
                  engine_kwargs: dict | None = None, batch_size: int = 256, max_gen_toks: int = 256,
-                 max_length: int | None = None, **_: Any):
+                 max_length: int | None = None, cpus_per_engine: float = 1, **_: Any):
         super().__init__()
         from transformers import AutoTokenizer
 
         self.model_dir = local_path(pretrained)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.engines = engines or start_engines(self.model_dir, int(n_engines), engine_kwargs)
+        self.engines = engines or start_engines(self.model_dir, int(n_engines), engine_kwargs,
+                                                cpus=float(cpus_per_engine))
         self.batch_size = int(batch_size)
         self._max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length) if max_length else ray.get(self.engines[0].max_model_len.remote())
