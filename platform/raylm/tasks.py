@@ -80,3 +80,57 @@ def normalize(text: str) -> str:
 
 def exact_match(prediction: str, answer: str) -> bool:
     return normalize(prediction) == normalize(answer)
+
+
+# ---------------------------------------------------------------- arithmetic (a real model's SFT/RL/eval task)
+ARITHMETIC_PROMPT = "What is {a} {op} {b}? Answer with the number only."
+ARITHMETIC_OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b}
+
+
+def arithmetic_problems(max_operand: int = 99, ops: tuple[str, ...] = ("plus", "minus")) -> list[dict]:
+    """Every problem of the space, in a fixed order: a op b for 0 <= a, b <= max_operand (minus with a >= b, so
+    every answer is a non-negative integer)."""
+    unknown = [op for op in ops if op not in ARITHMETIC_OPS]
+    if unknown:
+        raise ValueError(f"unknown arithmetic op(s) {unknown}; choose from {sorted(ARITHMETIC_OPS)}")
+    out = []
+    for op in ops:
+        for a in range(max_operand + 1):
+            for b in range(max_operand + 1):
+                if op == "minus" and b > a:
+                    continue
+                out.append({"family": op, "prompt": ARITHMETIC_PROMPT.format(a=a, op=op, b=b),
+                            "answer": str(ARITHMETIC_OPS[op](a, b))})
+    return out
+
+
+def arithmetic_split(prompt: str, test_percent: int = 10) -> str:
+    """"test" or "train" by a hash of the prompt: fixed for a problem on every machine and for every seed, so no
+    training set drawn from the "train" part can ever hold a held-out problem."""
+    return "test" if _held_out(f"arith:{prompt}", test_percent) else "train"
+
+
+def arithmetic_tasks(split: str, n: int | None = None, seed: int = 0, max_operand: int = 99,
+                     ops: tuple[str, ...] = ("plus", "minus"), test_percent: int = 10) -> list[dict]:
+    """`n` problems of one split ("train" or "test"), drawn by `seed` (None: all of the split, shuffled), as task
+    records {id, family, prompt, answer, wrong, split}: the same rows SFT, DPO, RL and evaluation take."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    pool = [p for p in arithmetic_problems(max_operand, ops) if arithmetic_split(p["prompt"], test_percent) == split]
+    rng = random.Random(f"{seed}/{split}")
+    rng.shuffle(pool)
+    pool = pool if n is None else pool[:n]
+    out = []
+    for i, p in enumerate(pool):
+        ans = int(p["answer"])
+        wrong = ans + rng.choice([-10, -1, 1, 10]) if ans >= 10 else ans + rng.choice([1, 2])
+        out.append({"id": f"{p['family']}-{split}-{i}", **p, "wrong": str(wrong), "split": split})
+    return out
+
+
+ARITHMETIC_EVAL = {"n": 250, "seed": 0}  # the problems of the bundled lm-eval task `raylm_arithmetic`
+
+
+def arithmetic_eval_problems() -> list[dict]:
+    """The held-out problems the bundled lm-eval task `raylm_arithmetic` scores (0..99, plus and minus)."""
+    return arithmetic_tasks("test", ARITHMETIC_EVAL["n"], ARITHMETIC_EVAL["seed"])
