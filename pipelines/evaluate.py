@@ -57,10 +57,6 @@ class Config(StageConfig):
     tensor_parallel: int = Field(1, ge=1)  # GPUs per engine (with num_gpus > 0)
     engine: dict[str, Any] = {}  # vLLM engine arguments (max_model_len, kv_cache_memory_bytes, dtype, ...)
     batch_size: int = Field(256, ge=1)  # requests per engine call
-    # Score the model through a running OpenAI-compatible server (`raylm serve`, vLLM) instead of engines: its base
-    # URL (http://host:port or .../v1); the key, if it needs one, from $RAYLM_API_KEY. Baselines still use engines.
-    endpoint: str | None = None
-    endpoint_model: str | None = None  # the served model's name (default: the server's first)
     bootstrap_resamples: int = Field(2000, ge=100)  # paired bootstrap of the deltas to baselines
     stderr_bootstrap_iters: int = Field(1000, ge=0)  # lm-eval's bootstrap for metrics without a closed-form stderr
     seed: int = 0
@@ -137,7 +133,7 @@ def score_tasks(run, model, cfg: Config, local: str, dataset: str | None = None)
     scored: dict[str, dict] = {}
     for ref in [model, *baselines]:
         with run.time(f"tasks_s/{ref.run_id}"):
-            scored[ref.run_id] = evaluate_model(ref.uri, cfg, via_endpoint=ref is model and bool(cfg.endpoint),
+            scored[ref.run_id] = evaluate_model(ref.uri, cfg,
                                                 metadata={"dataset": dataset} if dataset else None)
         write_samples(os.path.join(local, "samples", ref.run_id), scored[ref.run_id])
     mine = scored[model.run_id]
@@ -152,23 +148,19 @@ def score_tasks(run, model, cfg: Config, local: str, dataset: str | None = None)
                      "task_deltas": deltas, "task_table": table})
 
 
-def evaluate_model(model_uri: str, cfg: Config, via_endpoint: bool = False, metadata: dict | None = None) -> dict:
-    from raylm.harness.backend import RayVLLM, from_url, start_engines
+def evaluate_model(model_uri: str, cfg: Config, metadata: dict | None = None) -> dict:
+    from raylm.harness.backend import RayVLLM, start_engines
     from raylm.harness.run import evaluate
 
-    if via_endpoint:
-        lm = from_url(cfg.endpoint, model_uri, cfg.endpoint_model, os.environ.get("RAYLM_API_KEY"))
-    else:
-        engines = start_engines(model_uri, cfg.engines, cfg.engine, cfg.num_gpus, cfg.tensor_parallel,
-                                cpus=cfg.cpus_per_engine)
-        lm = RayVLLM(model_uri, engines=engines, batch_size=cfg.batch_size)
+    engines = start_engines(model_uri, cfg.engines, cfg.engine, cfg.num_gpus, cfg.tensor_parallel,
+                            cpus=cfg.cpus_per_engine)
+    lm = RayVLLM(model_uri, engines=engines, batch_size=cfg.batch_size)
     try:
         return evaluate(lm, cfg.tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                         bootstrap_iters=cfg.stderr_bootstrap_iters, apply_chat_template=cfg.apply_chat_template,
                         seed=cfg.seed, metadata=metadata)
     finally:
-        if not via_endpoint:
-            lm.shutdown()
+        lm.shutdown()
 
 
 def samples_of(results: dict) -> dict[str, list[dict]]:

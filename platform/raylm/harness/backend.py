@@ -252,23 +252,3 @@ class RayVLLM(TemplateLM):
         self.engines = []
 
 
-def from_url(base_url: str, tokenizer: str, model: str | None = None, api_key: str | None = None,
-             num_concurrent: int = 4, max_length: int = 2048, **kwargs: Any):
-    """The same tasks against a running `raylm serve` endpoint or any OpenAI-compatible server: lm-eval's own
-    `local-completions` client (log-likelihoods from `echo` + `logprobs` on /v1/completions), tokenizing with the
-    model's tokenizer. `model`: the served name (default: the server's first); `api_key`: sent as a bearer token."""
-    import json
-    import urllib.request
-
-    from lm_eval.models.openai_completions import LocalCompletionsAPI
-
-    base = base_url.rstrip("/").removesuffix("/completions")
-    base = base if base.endswith("/v1") else f"{base}/v1"
-    header = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    if model is None:
-        req = urllib.request.Request(f"{base}/models", headers=header or {})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            model = json.load(r)["data"][0]["id"]
-    return LocalCompletionsAPI(base_url=f"{base}/completions", model=model, tokenizer=local_path(tokenizer),
-                               tokenizer_backend="huggingface", header=header, num_concurrent=num_concurrent,
-                               max_length=max_length, **kwargs)
