@@ -26,6 +26,7 @@ import collections
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -141,21 +142,25 @@ def _check_hf_dir(cfg: Config, path: str) -> dict:
 
 def _safetensors_facts(cfg: Config, path: str, names: list[str]) -> dict:
     """Open every safetensors file's header (a corrupt or truncated file fails here); the weights are not read."""
-    from safetensors import safe_open
-
     dtypes: collections.Counter = collections.Counter()
     for name in names:
         try:
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    n = 1
-                    for d in s.get_shape():
-                        n *= d
-                    dtypes[s.get_dtype()] += n
+            dtypes.update(_stored_dtypes(os.path.join(path, name)))
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
             raise _err(cfg, f"corrupt safetensors file {name}: {exc}") from None
     return {"stored_dtypes": dict(dtypes)}
+
+
+def _stored_dtypes(file: str) -> collections.Counter:
+    """Elements per stored dtype of one safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    out: collections.Counter = collections.Counter()
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():
+            s = f.get_slice(key)
+            out[s.get_dtype()] += math.prod(s.get_shape())
+    return out
 
 
 def _meta_params(cfg: Config, hf_cfg) -> int:
@@ -367,17 +372,8 @@ def describe(model_dir: str) -> dict:
     tok = AutoTokenizer.from_pretrained(model_dir)
     st = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
     dtypes: collections.Counter = collections.Counter()
-    if st:
-        from safetensors import safe_open
-
-        for name in st:
-            with safe_open(os.path.join(model_dir, name), framework="pt") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    n = 1
-                    for d in s.get_shape():
-                        n *= d
-                    dtypes[s.get_dtype()] += n
+    for name in st:
+        dtypes.update(_stored_dtypes(os.path.join(model_dir, name)))
     torch_names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
     main = dtypes.most_common(1)[0][0] if dtypes else None
     dtype = torch_names.get(main, main) if main else str(getattr(hf_cfg, "dtype", None) or "unknown").replace(
