@@ -17,6 +17,7 @@ import urllib.request
 from ray import serve
 
 from raylm.config import StageConfig
+from raylm.runs import RunError
 from serve.endpoint import Autoscaling, EndpointConfig, build_endpoint
 from serve.main import wait_ready
 from serve.stats import drop_stats_actor
@@ -96,10 +97,27 @@ def exercise(base: str, cfg: Config) -> dict:
     }
 
 
+def _check_http(cfg: Config) -> None:
+    """`serve.start` keeps an already running Serve instance as it is: one started for handles only (an `rl` run's
+    rollouts, `proxy_location: Disabled`) or on another port would leave this endpoint unreachable, and the stage
+    would wait `ready_timeout_s` for nothing. Say so at once."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    location = ray.get(client._controller.get_proxy_location.remote())
+    port = client.http_config.port
+    if str(getattr(location, "value", location)) == "Disabled" or port != cfg.port:
+        raise RunError(f"Ray Serve is already running on this cluster without an HTTP proxy on port {cfg.port} "
+                       f"(proxies: {getattr(location, 'value', location)}, port {port}); the serve stage cannot "
+                       "start its own. Stop it (`serve shutdown`) or set port to the running one.")
+
+
 def body(run, inputs, cfg: Config) -> None:
     model_uri = inputs["model"].uri
     base = f"http://{cfg.host}:{cfg.port}"
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    _check_http(cfg)
     # The smoke test runs without API keys (it never reads $RAYLM_API_KEYS: the env name below is unset).
     endpoint = EndpointConfig(model_id=cfg.model_id, accelerator=cfg.accelerator, engine_kwargs=cfg.engine_kwargs,
                               host=cfg.host, port=cfg.port, api_keys_env="RAYLM_SMOKE_TEST_NO_KEYS",

@@ -114,8 +114,11 @@ def rollout_app(lifecycle):
 
     from serve.rollout import RolloutClient, build_rollout_app, create_weight_store
 
+    from serve.rollout import serve_running
+
     model = lifecycle["store"].load(lifecycle["runs"]["sft"]).output(kind="model").uri
     store = create_weight_store("weights-test")
+    started = not serve_running()
     serve.start(http_options={"location": "NoServer"})
     app = build_rollout_app(model, "policy", "weights-test", replicas=2,
                             engine_kwargs={"max_model_len": 256, "gpu_memory_utilization": 0.1})
@@ -130,6 +133,8 @@ def rollout_app(lifecycle):
            "model": model}
     serve.delete("rollout-test")
     ray.kill(store)
+    if started:  # a handle-only Serve left running would leave a later `serve` stage with no HTTP proxy
+        serve.shutdown()
 
 
 def test_weight_push_reaches_every_replica_and_stale_samples_are_refused(rollout_app):
