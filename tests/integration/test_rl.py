@@ -112,9 +112,7 @@ def rollout_app(lifecycle):
     import ray
     from ray import serve
 
-    from serve.rollout import RolloutClient, build_rollout_app, create_weight_store
-
-    from serve.rollout import serve_running
+    from serve.rollout import RolloutClient, build_rollout_app, create_weight_store, serve_running
 
     model = lifecycle["store"].load(lifecycle["runs"]["sft"]).output(kind="model").uri
     store = create_weight_store("weights-test")

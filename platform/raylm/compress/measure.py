@@ -175,9 +175,8 @@ def vllm_generate_speed(model_dir: str, *, prompts: list[str], max_tokens: int =
     Returns {"served", "tokens_per_s", "peak_rss_bytes", "error", "sample", ...}. A format the engine cannot serve
     gives served=False and vLLM's own error message (never hidden); peak_rss_bytes is then the failed process's.
     """
-    from raylm.runs import local_path
-
     from raylm.capabilities import missing_kernel
+    from raylm.runs import local_path
 
     int4 = engine_dtype(model_dir)
     why = missing_kernel("W4A16") if int4 else None
